@@ -1,0 +1,117 @@
+"""Replay as pure functions over lists of records: a reservoir of past examples, and mixing.
+
+The reservoir keeps a uniform random sample of every example accepted so far, in bounded
+memory, so each cycle can rehearse old data alongside new; :func:`mix` draws a training set
+from several sources (say ``"new"`` and ``"replay"``) in given proportions. Both take the
+random generator as an argument and mutate nothing else, so a seed reproduces a cycle's data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
+
+__all__ = ["mix", "reservoir_update"]
+
+T = TypeVar("T")
+
+
+def reservoir_update(
+    reservoir: list[T], seen: int, items: Iterable[T], capacity: int, rng: random.Random
+) -> tuple[list[T], int]:
+    """Feed ``items`` through Vitter's Algorithm R; return ``(new_reservoir, new_seen)``.
+
+    ``reservoir`` is a uniform sample (without replacement) of the first ``seen`` items of a
+    stream, of size ``min(capacity, seen)``; the result is the same for the stream extended by
+    ``items``: the first ``capacity`` items fill it, after which the item with 0-based stream
+    index ``t`` replaces a uniformly chosen slot with probability ``capacity / (t + 1)``. So
+    after ``n`` items each one is in the reservoir with probability ``min(1, capacity / n)``.
+
+    The input list is not mutated. Feeding a stream in several calls gives the same result as
+    feeding it at once with the same ``rng``; the same seed gives the same reservoir.
+
+    Raises ``ValueError`` for a negative ``capacity`` or ``seen``, or a reservoir whose length is
+    not ``min(capacity, seen)`` (for instance after a change of capacity: to shrink one, take
+    ``rng.sample(reservoir, new_capacity)``, which stays uniform).
+    """
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    if seen < 0:
+        raise ValueError(f"seen must be >= 0, got {seen}")
+    if len(reservoir) != min(capacity, seen):
+        raise ValueError(
+            f"reservoir holds {len(reservoir)} items but should hold min(capacity={capacity}, "
+            f"seen={seen}) = {min(capacity, seen)}"
+        )
+    out = list(reservoir)
+    for item in items:
+        if len(out) < capacity:
+            out.append(item)
+        else:
+            slot = rng.randrange(seen + 1)  # uniform over the seen + 1 items so far
+            if slot < capacity:
+                out[slot] = item
+        seen += 1
+    return out, seen
+
+
+def mix(
+    sources: Mapping[str, Sequence[T]],
+    ratios: Mapping[str, float],
+    total: int,
+    rng: random.Random,
+) -> list[tuple[str, T]]:
+    """Draw ``total`` records from ``sources`` in proportions ``ratios``, as ``(source, record)``.
+
+    Ratios are normalised over the sources that can contribute: a positive ratio and at least
+    one record. A source with ratio 0, or absent from ``ratios``, contributes nothing; an empty
+    source's share is redistributed to the others in proportion to theirs. Counts are rounded by
+    largest remainder, so they sum to ``total`` and each is within 1 of its exact share (ties go
+    to the source named first in ``ratios``).
+
+    Within a source, records are drawn without replacement while possible; once the source is
+    exhausted, i.e. its count exceeds its length, every record appears once and the rest are
+    drawn with replacement. The result is shuffled. Inputs are not mutated.
+
+    Raises ``ValueError`` for ratios naming unknown sources, negative or non-finite ratios (all
+    named), a negative ``total``, or a positive ``total`` with no source that can contribute.
+    """
+    unknown = [name for name in ratios if name not in sources]
+    if unknown:
+        raise ValueError(f"ratios name unknown sources {unknown}; sources are {list(sources)}")
+    bad = {name: r for name, r in ratios.items() if not (math.isfinite(r) and r >= 0)}
+    if bad:
+        raise ValueError(f"ratios must be finite and >= 0, got {bad}")
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    if total == 0:
+        return []
+    live = {name: float(r) for name, r in ratios.items() if r > 0 and len(sources[name]) > 0}
+    if not live:
+        positive = [name for name, r in ratios.items() if r > 0]
+        if positive:
+            raise ValueError(f"cannot draw {total} records: sources {positive} are all empty")
+        raise ValueError(f"cannot draw {total} records: no source has a positive ratio")
+    drawn: list[tuple[str, T]] = []
+    for name, count in _apportion(live, total).items():
+        pool = sources[name]
+        if count <= len(pool):
+            picks = rng.sample(pool, count)
+        else:
+            picks = rng.sample(pool, len(pool)) + rng.choices(pool, k=count - len(pool))
+        drawn.extend((name, record) for record in picks)
+    rng.shuffle(drawn)
+    return drawn
+
+
+def _apportion(weights: Mapping[str, float], total: int) -> dict[str, int]:
+    """Largest-remainder rounding of ``total * w / sum(w)``: sums to ``total``, each within 1."""
+    norm = sum(weights.values())
+    quotas = {name: total * w / norm for name, w in weights.items()}
+    counts = {name: math.floor(q) for name, q in quotas.items()}
+    order = sorted(quotas, key=lambda name: counts[name] - quotas[name])  # stable: ties by order
+    for name in order[: total - sum(counts.values())]:
+        counts[name] += 1
+    return counts

@@ -1,0 +1,329 @@
+"""vLLM's OpenAI server as a supervised child process, and its control API.
+
+This is the one module that knows vLLM's command line and control endpoints
+(`/health`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`). The server
+listens on a private loopback port, protected by a random API key that only the
+daemon knows; the gateway is the only thing in front of it.
+
+Lifecycle: `start()` launches the server under `serving._reaper` (so no vLLM
+process outlives the daemon, even after SIGKILL) and waits until it is healthy,
+logging progress. A supervisor task restarts it with exponential back-off if it
+dies; meanwhile `ready` is False. Adapters that were loaded are loaded again
+after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+vllm_log = logging.getLogger("adaptd.vllm")
+
+BASE_NAME = "base"
+
+
+class EngineError(Exception):
+    status = 503
+    type = "server_error"
+    code = "engine_unavailable"
+
+
+class AdapterLoadError(EngineError):
+    status = 500
+    code = "adapter_load_failed"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the daemon passes to vLLM; every field maps to one vLLM flag."""
+
+    model: str
+    max_model_len: int | None = 2048
+    dtype: str = "auto"
+    gpu_memory_utilization: float | None = None  # None: 0.9 on a GPU, 0.12 on the CPU
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    max_num_seqs: int | None = None
+    extra_args: tuple[str, ...] = ()
+    hub_offline: bool = False
+    startup_timeout_s: float = 900.0
+    stop_grace_s: float = 20.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _has_cuda() -> bool:
+    return Path("/dev/nvidia0").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def vllm_command(settings: EngineSettings, *, port: int, api_key: str) -> list[str]:
+    util = settings.gpu_memory_utilization
+    if util is None:
+        util = 0.9 if _has_cuda() else 0.12
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        settings.model,
+        "--served-model-name",
+        BASE_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        api_key,
+        "--enable-lora",
+        "--max-loras",
+        str(settings.max_loras),
+        "--max-lora-rank",
+        str(settings.max_lora_rank),
+        "--dtype",
+        settings.dtype,
+        "--gpu-memory-utilization",
+        str(util),
+        "--tensor-parallel-size",
+        str(settings.tensor_parallel_size),
+        "--disable-uvicorn-access-log",
+        "--disable-fastapi-docs",
+    ]
+    if settings.data_parallel_size > 1:
+        cmd += ["--data-parallel-size", str(settings.data_parallel_size)]
+    if settings.max_model_len:
+        cmd += ["--max-model-len", str(settings.max_model_len)]
+    if settings.max_num_seqs:
+        cmd += ["--max-num-seqs", str(settings.max_num_seqs)]
+    return cmd + list(settings.extra_args)
+
+
+class VllmEngine:
+    """A vLLM server: managed (a child we start and supervise) or external (a URL)."""
+
+    def __init__(
+        self, settings: EngineSettings | None, *, url: str | None = None, api_key: str | None = None
+    ) -> None:
+        if (settings is None) == (url is None):
+            raise ValueError("give either settings (managed) or url (external)")
+        self.settings = settings
+        self.managed = settings is not None
+        self.port = _free_port() if url is None else 0
+        self.base_url = url.rstrip("/") if url else f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key if url else secrets.token_urlsafe(24)
+        self.ready = False
+        self.restarts = 0
+        self.started_at: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._adapters: dict[str, str] = {}
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._load_lock = asyncio.Lock()
+
+    # -- public -------------------------------------------------------------
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of vLLM's api_server (the reaper's child), if known."""
+        if self._proc is None or self._proc.returncode is not None:
+            return None
+        try:
+            with open(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children") as f:
+                kids = f.read().split()
+            return int(kids[0]) if kids else None
+        except OSError:
+            return None
+
+    @property
+    def loaded_adapters(self) -> dict[str, str]:
+        return dict(self._adapters)
+
+    async def start(self) -> None:
+        """Start (or attach to) the server and wait until it answers `/health`."""
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
+        if self.managed:
+            await self._spawn()
+            self._tasks.append(asyncio.create_task(self._supervise(), name="vllm-supervisor"))
+        await self._wait_healthy()
+        if not self.managed:
+            self._tasks.append(asyncio.create_task(self._watch_external(), name="vllm-watch"))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._proc is not None and self._proc.returncode is None:
+            log.info("stopping vLLM (pid %s)", self._proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.terminate()
+            grace = self.settings.stop_grace_s if self.settings else 20.0
+            try:
+                await asyncio.wait_for(self._proc.wait(), grace + 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, 9)
+                await self._proc.wait()
+        self.ready = False
+        if self._session is not None:
+            await self._session.close()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter under ``name`` (idempotent)."""
+        async with self._load_lock:
+            if self._adapters.get(name) == path:
+                return
+            await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+            self._adapters[name] = path
+            log.info("adapter %s loaded from %s", name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        async with self._load_lock:
+            if name not in self._adapters:
+                return
+            await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+            del self._adapters[name]
+
+    # -- internals ------------------------------------------------------------
+    async def _post(self, path: str, body: dict[str, str]) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                self.base_url + path, json=body, headers=self.headers
+            ) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise AdapterLoadError(f"vLLM refused {path} ({resp.status}): {text[:500]}")
+        except aiohttp.ClientError as e:
+            raise EngineError(f"vLLM is unreachable: {e}") from e
+
+    async def _healthy(self) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _spawn(self) -> None:
+        assert self.settings is not None
+        cmd = vllm_command(self.settings, port=self.port, api_key=self.api_key or "")
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.settings.env}
+        if self.settings.hub_offline:
+            env.setdefault("HF_HUB_OFFLINE", "1")
+            env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        reaper = [
+            sys.executable,
+            "-m",
+            "serving._reaper",
+            str(os.getpid()),
+            str(self.settings.stop_grace_s),
+            "--",
+            *cmd,
+        ]
+        log.info(
+            "starting vLLM on 127.0.0.1:%d: %s",
+            self.port,
+            " ".join(a for a in cmd if a != self.api_key),
+        )
+        self._proc = await asyncio.create_subprocess_exec(
+            *reaper,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        self.started_at = time.monotonic()
+        self._tasks.append(asyncio.create_task(self._pump_output(self._proc), name="vllm-output"))
+
+    async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                vllm_log.info("%s", line)
+
+    async def _wait_healthy(self) -> None:
+        timeout = self.settings.startup_timeout_s if self.settings else 300.0
+        t0 = time.monotonic()
+        next_note = t0 + 5
+        while True:
+            if await self._healthy():
+                break
+            if self._proc is not None and self._proc.returncode is not None:
+                raise EngineError(
+                    f"vLLM exited during start-up with status {self._proc.returncode}"
+                )
+            now = time.monotonic()
+            if now - t0 > timeout:
+                raise EngineError(f"vLLM did not become healthy within {timeout:.0f} s")
+            if now >= next_note:
+                log.info("waiting for vLLM to load the model: %.0f s", now - t0)
+                next_note = now + 5
+            await asyncio.sleep(0.25)
+        log.info("vLLM ready in %.1f s", time.monotonic() - t0)
+        # Re-load the adapters a restarted server has forgotten.
+        adapters, self._adapters = self._adapters, {}
+        for name, path in adapters.items():
+            try:
+                await self.load_adapter(name, path)
+            except EngineError as e:
+                log.error("could not re-load adapter %s after a restart: %s", name, e)
+        self.ready = True
+
+    async def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            self.ready = False
+            self.restarts += 1
+            ran = time.monotonic() - (self.started_at or 0)
+            if ran > 120:
+                backoff = 1.0
+            log.error("vLLM exited with status %s; restarting in %.0f s", code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
+            try:
+                await self._spawn()
+                await self._wait_healthy()
+            except EngineError as e:
+                log.error("vLLM restart failed: %s", e)
+
+    async def _watch_external(self) -> None:
+        while not self._stopping:
+            healthy = await self._healthy()
+            if healthy and not self.ready:
+                log.info("external vLLM at %s is healthy again", self.base_url)
+            elif not healthy and self.ready:
+                log.error("external vLLM at %s stopped answering", self.base_url)
+            self.ready = healthy
+            await asyncio.sleep(1.0 if healthy else 0.5)
