@@ -24,7 +24,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import Response
 
-from daemon.auth import Authenticator, AuthError, Caller, PermissionDenied
+from daemon.auth import Authenticator, AuthError, PermissionDenied
 from daemon.config import Settings
 from daemon.http import build_app, register_errors
 from daemon.metrics import Metrics

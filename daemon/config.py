@@ -56,12 +56,19 @@ class ServingSettings(_Section):
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
     max_loras: int = Field(4, ge=1, description="Adapters vLLM keeps loaded at once.")
-    max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = 64
+    max_lora_rank: int = Field(64, description="Largest adapter rank vLLM accepts: 8, 16, 32, 64, 128 or 256.")
     max_num_seqs: int | None = Field(None, ge=1)
     extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="More vLLM flags, passed as they are."
     )
     startup_timeout_s: float = Field(900, gt=0)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v not in (8, 16, 32, 64, 128, 256):
+            raise ValueError("must be one of 8, 16, 32, 64, 128, 256")
+        return v
 
     _split_args = field_validator("extra_args", mode="before")(
         lambda v: v.split() if isinstance(v, str) else v

@@ -1,0 +1,137 @@
+"""Shared fixtures. The real daemon (`adaptd serve`, with its real vLLM child on a tiny
+model built in code) is started once per test session, in a subprocess, exactly as a user
+runs it; tests talk to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tinymodel import build_tiny_model
+
+INFERENCE_KEY = "test-inference-key"
+ADMIN_KEY = "test-admin-key"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model")
+
+
+def daemon_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTD_")}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        ADAPTD_API_KEYS=INFERENCE_KEY,
+        ADAPTD_ADMIN_KEYS=ADMIN_KEY,
+        ADAPTD_SERVING__MAX_MODEL_LEN="512",
+        ADAPTD_SERVING__MAX_LORA_RANK="8",
+        ADAPTD_SERVING__MAX_LORAS="2",
+        ADAPTD_LIMITS__MAX_TOKENS="64",
+        ADAPTD_LIMITS__MAX_BODY_BYTES="65536",
+        ADAPTD_SHUTDOWN_TIMEOUT_S="10",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class RunningDaemon:
+    """An `adaptd serve` process; `restart()` keeps the data directory."""
+
+    model: Path
+    data_dir: Path
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the process owns it)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "serve", "--model", str(self.model),
+             "--data-dir", str(self.data_dir), "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, env=daemon_env(), cwd=ROOT,
+        )  # fmt: skip
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"adaptd exited ({self.proc.returncode}):\n{self.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"adaptd not ready in {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def engine_pid(self) -> int | None:
+        st = httpx.get(self.url + "/admin/status", headers=admin_headers(), timeout=10).json()
+        return st["engine"]["pid"]
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def inference_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {INFERENCE_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    base = tmp_path_factory.mktemp("daemon")
+    d = RunningDaemon(model=tiny_model, data_dir=base / "data", log_path=base / "adaptd.log")
+    d.start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.stop()
+
+
+@pytest.fixture()
+def client(daemon: RunningDaemon) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=daemon.url, headers=inference_headers(), timeout=60) as c:
+        yield c
+
+
+@pytest.fixture()
+def admin(daemon: RunningDaemon) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=daemon.url, headers=admin_headers(), timeout=60) as c:
+        yield c
