@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -295,4 +296,17 @@ def run(settings: Settings) -> None:
         loop="uvloop",
         http="httptools",
     )
-    uvicorn.Server(config).run()
+    # uvicorn drains on the first SIGTERM/SIGINT, then re-raises the signal once it has
+    # restored the handlers that were there before: make that a clean exit, status 0.
+    def stopped(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stopped)
+    try:
+        uvicorn.Server(config).run()
+    except SystemExit as e:
+        if e.code == 0:
+            log.info("adaptd stopped")
+        raise
+    log.info("adaptd stopped")
