@@ -19,7 +19,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,11 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         )
 
 
+def _insert_sql(table: str, columns: Sequence[str]) -> str:
+    names = ", ".join(f"[{c}]" for c in columns)
+    return f"INSERT INTO [{table}] ({names}) VALUES ({', '.join(':' + c for c in columns)})"
+
+
 @dataclass(frozen=True)
 class Interaction:
     id: str
@@ -199,6 +204,12 @@ class Feedback:
         row = dict(row)
         row["tags"] = json.loads(row["tags"]) if row["tags"] else []
         return cls(**row)
+
+
+_INTERACTION_COLUMNS = [f.name for f in fields(Interaction)]
+_FEEDBACK_COLUMNS = [f.name for f in fields(Feedback)]
+_INSERT_INTERACTION = _insert_sql("interactions", _INTERACTION_COLUMNS)
+_INSERT_FEEDBACK = _insert_sql("feedback", _FEEDBACK_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -300,10 +311,10 @@ class Store:
 
     # -- writes (called by the single writer) -----------------------------
     def insert_interactions(self, items: Sequence[Interaction]) -> None:
+        # Plain SQL: sqlite-utils' insert() introspects the table on every call, which
+        # costs more than the insert itself on the request path.
         if items:
-            self.db["interactions"].insert_all(  # type: ignore[union-attr]
-                (i.to_row() for i in items), batch_size=500
-            )
+            self.db.conn.executemany(_INSERT_INTERACTION, [i.to_row() for i in items])
 
     def add_feedback(self, item: FeedbackInput, *, now: float | None = None) -> Feedback:
         """Store one feedback item; an external conversation becomes an interaction first."""
@@ -340,7 +351,7 @@ class Store:
         )
         row = asdict(fb)
         row["tags"] = json.dumps(fb.tags)
-        self.db["feedback"].insert(row)  # type: ignore[union-attr]
+        self.db.conn.execute(_INSERT_FEEDBACK, row)
         return fb
 
     def record_promotion(

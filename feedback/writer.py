@@ -130,25 +130,41 @@ class Writer:
             if batch:
                 self._commit(batch)
 
+    def _run_job(
+        self, conn: Any, job: _Call
+    ) -> tuple[concurrent.futures.Future[Any], Any, BaseException | None]:
+        """One job in a savepoint: a failing job undoes only its own writes."""
+        conn.execute("SAVEPOINT job")
+        try:
+            value = job.fn(self._store)
+        except Exception as e:
+            conn.execute("ROLLBACK TO SAVEPOINT job")
+            conn.execute("RELEASE SAVEPOINT job")
+            if not isinstance(e, FeedbackError):
+                log.exception("write job failed")
+                e = StoreError(f"write failed: {e}")
+            return job.future, None, e
+        conn.execute("RELEASE SAVEPOINT job")
+        return job.future, value, None
+
     def _commit(self, batch: Sequence[Any]) -> None:
         inters = [j for j in batch if isinstance(j, Interaction)]
         results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
-        db = self._store.db
+        conn = self._store.db.conn
         started = time.perf_counter()
         try:
-            with db.atomic():
+            conn.execute("BEGIN")
+            try:
                 # Interactions first: feedback in the same batch may name them.
                 self._store.insert_interactions(inters)
                 for job in batch:
                     if isinstance(job, _Call):
-                        try:
-                            with db.atomic():  # a savepoint: a failing job undoes only itself
-                                results.append((job.future, job.fn(self._store), None))
-                        except FeedbackError as e:
-                            results.append((job.future, None, e))
-                        except Exception as e:
-                            log.exception("write job failed")
-                            results.append((job.future, None, StoreError(f"write failed: {e}")))
+                        results.append(self._run_job(conn, job))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         except Exception as e:  # the COMMIT itself failed (disk full, I/O error)
             log.error("commit of %d writes failed: %s", len(batch), e)
             err = StoreError(f"the database could not commit: {e}")
