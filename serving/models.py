@@ -17,8 +17,8 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +156,8 @@ def ensure_default_model(cache_dir: Path) -> Path:
         return target
     gguf = find_default_gguf()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", suffix=".tmp", dir=cache_dir))
+    tmp = cache_dir / f".{DEFAULT_MODEL_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
     try:
         convert_gguf(gguf, tmp)
         marker = {

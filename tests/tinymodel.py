@@ -1,8 +1,8 @@
 """Tiny models built in code, for tests: offline, deterministic, a few seconds on a CPU.
 
-`build_tiny_model` writes a random-init Llama (2 layers, hidden 128, head_dim 64: the smallest
-head size vLLM's CPU attention accepts) with a byte-level BPE tokenizer trained here on a few KB
-of generated English, and a ChatML chat template. vLLM's CPU backend serves it, LoRA included.
+`build_tiny_model` writes a random-init Llama in bf16 safetensors (2 layers, hidden 128, head_dim
+64: the smallest head size vLLM's CPU attention accepts) with a byte-level BPE tokenizer trained
+here on a few KB of generated English, and a ChatML chat template. vLLM's CPU backend serves it, LoRA included.
 `make_random_adapter` writes a PEFT LoRA adapter with random (non-zero) weights for it.
 """
 
@@ -11,9 +11,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # Written last into a built folder; its presence means the folder is complete.
 COMPLETE_MARKER = "tinymodel.json"
@@ -40,6 +44,22 @@ _PEOPLE = ["The teacher", "My friend", "A small child", "The old farmer", "Our n
 _ACTIONS = ["reads a book", "walks to the river", "writes a short letter", "cooks dinner",
             "plants a tree", "answers the question", "opens the window"]  # fmt: skip
 _TIMES = ["in the morning", "after lunch", "every evening", "on Sunday"]
+_PROSE = """\
+The river runs past the village and through the green valley before it reaches the sea.
+In spring the fields are full of flowers, and farmers work from early light until dark.
+Children walk to school along the narrow road, carrying bread, apples and heavy books.
+The library keeps old maps, letters, newspapers and records of every family in the town.
+Scientists measure the weather each day: temperature, wind, rain, clouds and pressure.
+A computer program reads numbers, follows simple rules and writes the results to a file.
+Good software is tested carefully, because small mistakes can cause large problems later.
+The market opens on Saturday; people buy fish, cheese, vegetables, coffee and warm soup.
+Music, painting and poetry help people remember history and share their feelings.
+Mountains are cold at the top, while deserts are hot during the day and cold at night.
+Doctors and nurses care for patients, explain treatments and answer worried questions.
+Trains, buses and bicycles move thousands of travellers through the busy city centre.
+Learning a language takes patience: listen, speak, read and write a little every day.
+"""
+_ROLES = ["system", "user", "assistant"]
 _CHAT = [
     "Hello! How can I help you today?",
     "Thank you for your question. Here is a short answer.",
@@ -59,7 +79,8 @@ def training_text() -> list[str]:
         lines.append(f"{person} {action} {when}.")
     for n in range(1, 21):
         lines.append(f"{n} plus {n} is {2 * n}, and {n} times {n} is {n * n}.")
-    lines.extend(_CHAT)
+    lines.extend(_PROSE.splitlines())
+    lines.extend(f"{role}: {line}" for role, line in zip(itertools.cycle(_ROLES), _CHAT))
     return lines
 
 
@@ -72,7 +93,8 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
     if (out_dir / COMPLETE_MARKER).is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
     try:
         _write_tiny_model(tmp, seed)
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"seed": seed}) + "\n")
@@ -89,11 +111,13 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
 
 
 def _write_tiny_model(out_dir: Path, seed: int) -> None:
+    """Write the tokenizer and a seeded random-init model (bf16 safetensors) into `out_dir`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    vocab = tokenizer.get_vocab()
+    ids = {token: vocab[token] for token in SPECIAL_TOKENS}
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -111,6 +135,7 @@ def _write_tiny_model(out_dir: Path, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    model.bfloat16()  # stored like the converted SmolLM2, so `--dtype auto` serves bf16
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS], eos_token_id=ids[IM_END], pad_token_id=ids[PAD]
     )
@@ -118,7 +143,7 @@ def _write_tiny_model(out_dir: Path, seed: int) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast (kept lazy)
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (vocabulary ~1000) trained on `training_text()`, with ChatML."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -168,5 +193,5 @@ def make_random_adapter(model_dir: Path, out_dir: Path, *, rank: int = 8, seed: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, lora)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(str(out_dir))
     return out_dir
