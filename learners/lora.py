@@ -1,0 +1,86 @@
+"""The one module that speaks PEFT: attach, warm-start, read and save LoRA adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+
+def load_model(
+    base: str,
+    *,
+    settings: LoraSettings,
+    warm_start: Path | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    gradient_checkpointing: bool,
+) -> Any:
+    """The base model with a trainable LoRA adapter: a copy of ``warm_start``, or a fresh one."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa")
+    model.to(device)  # type: ignore[arg-type]
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    if warm_start is not None:
+        peft_model = PeftModel.from_pretrained(model, str(warm_start), is_trainable=True)
+    else:
+        config = LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=list(settings.target_modules),
+            task_type="CAUSAL_LM",
+            bias="none",
+        )
+        peft_model = get_peft_model(model, config)
+    # LoRA weights train in float32 even when the base runs in bf16 (stable small updates).
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return peft_model
+
+
+def trainable(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter's parameters by name (live tensors)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
+    params = trainable(model)
+    missing = set(params) - set(state)
+    if missing:
+        raise ValueError(
+            f"checkpoint lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[0]}"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name].to(p.device, p.dtype))
+
+
+def save_adapter(model: Any, out_dir: Path) -> list[str]:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors``; return the file names."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card: not part of a version
+    return sorted(p.name for p in out_dir.iterdir())
+
+
+def target_modules_of(model: Any) -> Sequence[str]:
+    cfg = model.peft_config["default"]
+    return sorted(cfg.target_modules)

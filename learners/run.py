@@ -1,0 +1,160 @@
+"""Training in a child process, so a crash or out-of-memory cannot take serving down.
+
+The parent writes a job folder (`write_job`) and calls `run_job`, which starts
+``python -m learners.run JOB_DIR`` and restarts it after a crash (it resumes from its last
+checkpoint) up to ``max_restarts`` times. The child writes ``result.json``:
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "reason": "...", "kind": "non_finite"}``.
+
+Exit status of the child: 0 done, 3 non-finite loss, 4 bad job, anything else a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from learners.data import Messages
+from learners.lora import LoraSettings
+from learners.train import NonFiniteLoss, TrainJob, TrainSettings
+
+log = logging.getLogger(__name__)
+
+EXIT_NON_FINITE = 3
+EXIT_BAD_JOB = 4
+
+
+class TrainingFailed(RuntimeError):
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ChildOutcome:
+    result: dict[str, Any]
+    restarts: int
+
+
+def _write_jsonl(path: Path, rows: Sequence[Messages]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for m in rows:
+            f.write(json.dumps({"messages": [dict(x) for x in m]}, ensure_ascii=False) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[list[dict[str, Any]]]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["messages"] for line in f if line.strip()]
+
+
+def write_job(job: TrainJob) -> Path:
+    """Serialize a job into its work folder (settings as JSON, data as JSONL)."""
+    work = Path(job.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(work / "examples.jsonl", job.examples)
+    _write_jsonl(work / "fisher_examples.jsonl", job.fisher_examples)
+    spec = {
+        "base_model": job.base_model,
+        "warm_start": str(job.warm_start) if job.warm_start else None,
+        "ewc_state": str(job.ewc_state) if job.ewc_state else None,
+        "nan_at_step": job.nan_at_step,
+        "settings": asdict(job.settings),
+    }
+    (work / "job.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return work
+
+
+def read_job(work: Path) -> TrainJob:
+    spec = json.loads((work / "job.json").read_text())
+    st = dict(spec["settings"])
+    lora = dict(st.pop("lora"))
+    lora["target_modules"] = tuple(lora["target_modules"])
+    return TrainJob(
+        base_model=spec["base_model"],
+        work_dir=work,
+        examples=_read_jsonl(work / "examples.jsonl"),
+        fisher_examples=_read_jsonl(work / "fisher_examples.jsonl"),
+        settings=TrainSettings(lora=LoraSettings(**lora), **st),
+        warm_start=Path(spec["warm_start"]) if spec["warm_start"] else None,
+        ewc_state=Path(spec["ewc_state"]) if spec["ewc_state"] else None,
+        nan_at_step=spec.get("nan_at_step"),
+    )
+
+
+def run_job(
+    work: Path,
+    *,
+    max_restarts: int = 2,
+    env: dict[str, str] | None = None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> ChildOutcome:
+    """Run the job in a child; restart it after a crash (it resumes from its checkpoint)."""
+    restarts = 0
+    result_path = work / "result.json"
+    result_path.unlink(missing_ok=True)
+    while True:
+        with open(work / "child.log", "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "learners.run", str(work)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+            if on_start:
+                on_start(proc)
+            code = proc.wait()
+        if result_path.exists():
+            outcome = json.loads(result_path.read_text())
+            if outcome["ok"]:
+                return ChildOutcome(outcome["result"], restarts)
+            raise TrainingFailed(outcome["reason"], outcome.get("kind", "error"))
+        if code in (EXIT_NON_FINITE, EXIT_BAD_JOB):
+            raise TrainingFailed(f"training child exited with status {code}", "error")
+        if restarts >= max_restarts:
+            raise TrainingFailed(
+                f"training crashed {restarts + 1} times (last exit status {code}); see {work / 'child.log'}",
+                "crash",
+            )
+        restarts += 1
+        log.warning("training child died (status %s); resuming, attempt %d", code, restarts + 1)
+        time.sleep(1.0)
+
+
+def _main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    work = Path(argv[0])
+    out = work / "result.json"
+    try:
+        job = read_job(work)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        out.write_text(json.dumps({"ok": False, "reason": f"bad job: {e}", "kind": "bad_job"}))
+        return EXIT_BAD_JOB
+    from learners.train import train
+
+    try:
+        result = train(job)
+    except NonFiniteLoss as e:
+        out.write_text(json.dumps({"ok": False, "reason": str(e), "kind": "non_finite"}))
+        return EXIT_NON_FINITE
+    except ValueError as e:
+        out.write_text(json.dumps({"ok": False, "reason": str(e), "kind": "bad_job"}))
+        return EXIT_BAD_JOB
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"ok": True, "result": result.to_dict()}))
+    os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

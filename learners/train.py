@@ -1,0 +1,353 @@
+"""LoRA SFT on chat examples, with replay already mixed in and an EWC penalty.
+
+`train(job)` is one linear recipe: load → tokenize and pack → (resume) → loop → save adapter →
+estimate and consolidate the Fisher → save EWC state. It runs in a child process (see
+`learners.run`); everything it needs is in the `TrainJob`, everything it produces lands in
+``job.work_dir``:
+
+* ``progress.jsonl``: one line per optimizer step (loss, task loss, EWC penalty, lr, tokens);
+* ``checkpoints/latest/``: adapter tensors, optimizer, scheduler and RNG state, written every
+  ``checkpoint_every`` steps to a temporary folder and renamed, so a killed run resumes from it;
+* ``adapter/``: the PEFT adapter plus ``ewc.safetensors`` once training is done.
+
+Defaults scale with the data: at least ``min_epochs`` passes and ``min_steps`` optimizer steps
+(small feedback sets need many steps to learn facts; see docs/learning.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learners import ewc
+from learners.data import Messages, PackedRow, batches, collate, pack, shift_loss, tokenize_chat
+from learners.lora import LoraSettings, load_model, load_trainable, save_adapter, trainable
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; nothing is written."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    learning_rate: float = 2e-4
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    steps: int | None = None  # exact number of optimizer steps (overrides the rest)
+    min_epochs: float = 3.0
+    min_steps: int = 24
+    max_steps: int = 2000
+    max_len: int = 1024
+    batch_tokens: int = 8192  # tokens per optimizer step (packed rows of max_len)
+    seed: int = 0
+    ewc_lambda: float = 0.0  # 0 switches EWC off
+    ewc_decay: float = 0.9
+    fisher_batches: int = 16
+    checkpoint_every: int = 50
+    bf16: bool | None = None  # None: on a CUDA GPU only
+    gradient_checkpointing: bool | None = None  # None: on a CUDA GPU only
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    base_model: str
+    work_dir: Path
+    examples: Sequence[Messages]  # the cycle's examples plus replay, already mixed
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    warm_start: Path | None = None  # the promoted adapter, for continual training
+    ewc_state: Path | None = None  # ewc.safetensors of the promoted adapter
+    fisher_examples: Sequence[Messages] = ()  # what the new Fisher is estimated on
+    nan_at_step: int | None = None  # tests: inject a NaN loss at this step
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    examples: int
+    dropped_too_long: int
+    rows: int
+    tokens: int
+    target_tokens: int
+    seconds: float
+    first_loss: float
+    final_loss: float
+    resumed_from: int
+    ewc_lambda: float
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["adapter_dir"] = str(self.adapter_dir)
+        return d
+
+
+def plan_steps(n_rows: int, batch_rows: int, s: TrainSettings) -> int:
+    if s.steps is not None:
+        return s.steps
+    per_epoch = max(1, math.ceil(n_rows / batch_rows))
+    return max(1, min(s.max_steps, max(s.min_steps, math.ceil(s.min_epochs * per_epoch))))
+
+
+def lr_lambda(total: int, s: TrainSettings) -> Callable[[int], float]:
+    warm = max(1, round(s.warmup_ratio * total)) if s.warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if s.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if s.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _epochs(rows: Sequence[PackedRow], batch_rows: int, seed: int) -> Iterator[list[PackedRow]]:
+    epoch = 0
+    while True:
+        yield from batches(rows, batch_rows, random.Random(seed * 1_000_003 + epoch))
+        epoch += 1
+
+
+def _device(s: TrainSettings) -> torch.device:
+    if s.device:
+        return torch.device(s.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _save_checkpoint(path: Path, model: Any, opt: Any, sched: Any, step: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {n: p.detach().cpu() for n, p in trainable(model).items()}
+    torch.save(
+        {
+            "step": step,
+            "adapter": state,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> int:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    load_trainable(model, state["adapter"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def _loss_fn(
+    device: torch.device, pad_id: int, amp: torch.dtype | None
+) -> Callable[[Any, Any], torch.Tensor]:
+    def loss(model: Any, rows: Sequence[PackedRow]) -> torch.Tensor:
+        b = {k: v.to(device, non_blocking=True) for k, v in collate(rows, pad_id).items()}
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                position_ids=b["position_ids"],
+            ).logits
+        value, _ = shift_loss(logits, b["labels"])
+        return value
+
+    return loss
+
+
+def train(
+    job: TrainJob, *, progress: Callable[[dict[str, Any]], None] | None = None
+) -> TrainResult:
+    from transformers import AutoTokenizer
+
+    s = job.settings
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    random.seed(s.seed)
+    device = _device(s)
+    on_gpu = device.type == "cuda"
+    use_bf16 = on_gpu if s.bf16 is None else s.bf16
+    amp = torch.bfloat16 if use_bf16 else None
+    ckpt = on_gpu if s.gradient_checkpointing is None else s.gradient_checkpointing
+    work = Path(job.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    tok = AutoTokenizer.from_pretrained(job.base_model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tokenized = [tokenize_chat(tok, m, s.max_len) for m in job.examples]
+    kept = [t for t in tokenized if t is not None and t.n_target > 0]
+    if not kept:
+        raise ValueError("no example fits max_len: nothing to train on")
+    rows = pack(kept, s.max_len)
+    batch_rows = max(1, s.batch_tokens // s.max_len)
+    total = plan_steps(len(rows), batch_rows, s)
+
+    model = load_model(
+        job.base_model,
+        settings=s.lora,
+        warm_start=job.warm_start,
+        dtype=torch.bfloat16 if use_bf16 else torch.float32,
+        device=device,
+        gradient_checkpointing=ckpt,
+    )
+    params = trainable(model)
+    opt = torch.optim.AdamW(
+        params.values(), lr=s.learning_rate, weight_decay=s.weight_decay, fused=on_gpu
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, s))
+    loss_fn = _loss_fn(device, pad_id, amp)
+
+    # EWC: the promoted adapter's consolidated Fisher, anchored at its weights.
+    fisher: dict[str, torch.Tensor] = {}
+    anchor: dict[str, torch.Tensor] = {}
+    if s.ewc_lambda > 0 and job.ewc_state is not None and Path(job.ewc_state).exists():
+        f_prev, a_prev, _ = ewc.load_state(job.ewc_state)
+        if set(f_prev) <= set(params) and all(f_prev[n].shape == params[n].shape for n in f_prev):
+            fisher = {n: t.to(device, torch.float32) for n, t in f_prev.items()}
+            anchor = {n: t.to(device, torch.float32) for n, t in a_prev.items()}
+        else:
+            log.warning("EWC state does not match this adapter's shape: EWC off for this run")
+    elif s.ewc_lambda > 0 and job.fisher_examples:
+        # First cycle: hold the adapter near "no change" where general data cares.
+        fisher = _estimate(model, tok, job.fisher_examples, s, loss_fn, batch_rows)
+        anchor = {n: p.detach().float().clone() for n, p in params.items()}
+
+    ckpt_dir = work / "checkpoints" / "latest"
+    start = _load_checkpoint(ckpt_dir, model, opt, sched) if ckpt_dir.exists() else 0
+    if start:
+        log.info("resuming from step %d", start)
+    data = _epochs(rows, batch_rows, s.seed)
+    for _ in range(start):  # replay the data order up to the checkpoint
+        next(data)
+
+    log_path = work / "progress.jsonl"
+    first_loss = final_loss = float("nan")
+    tokens = 0
+    model.train()
+    bar = _bar(total, start)
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        for step in range(start, total):
+            batch = next(data)
+            task = loss_fn(model, batch)
+            penalty = ewc.ewc_penalty(params, anchor, fisher, s.ewc_lambda) if fisher else None
+            loss = task + penalty if penalty is not None else task
+            if job.nan_at_step is not None and step == job.nan_at_step:
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"non-finite loss ({loss.item()}) at step {step + 1} of {total}"
+                )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), s.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            n_tok = sum(len(r) for r in batch)
+            tokens += n_tok
+            task_value = float(task.item())
+            record: dict[str, Any] = {
+                "step": step + 1,
+                "loss": float(loss.item()),
+                "task_loss": task_value,
+                "ewc_penalty": float(penalty.item()) if penalty is not None else 0.0,
+                "lr": sched.get_last_lr()[0],
+                "tokens": n_tok,
+                "elapsed_s": round(time.perf_counter() - t0, 3),
+            }
+            if step == start:
+                first_loss = task_value
+            final_loss = task_value
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if progress:
+                progress({**record, "total": total})
+            bar.update(1)
+            bar.set_postfix(loss=f"{task_value:.3f}")
+            if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < total:
+                _save_checkpoint(ckpt_dir, model, opt, sched, step + 1)
+    bar.close()
+
+    out = work / "adapter"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    save_adapter(model, out)
+    # The Fisher of this cycle's data at the new weights, merged into the running one.
+    if s.ewc_lambda > 0:
+        basis = job.fisher_examples or job.examples
+        f_new = _estimate(model, tok, basis, s, loss_fn, batch_rows)
+        merged = ewc.consolidate(fisher or None, f_new, decay=s.ewc_decay)
+        ewc.save_state(
+            out / "ewc.safetensors",
+            {n: t.cpu() for n, t in merged.items()},
+            {n: p.detach().float().cpu() for n, p in trainable(model).items()},
+            {"decay": str(s.ewc_decay), "estimator": "empirical-fisher-per-batch"},
+        )
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    return TrainResult(
+        adapter_dir=out,
+        steps=total,
+        examples=len(kept),
+        dropped_too_long=len(tokenized) - len(kept),
+        rows=len(rows),
+        tokens=tokens,
+        target_tokens=sum(t.n_target for t in kept),
+        seconds=round(time.perf_counter() - t0, 3),
+        first_loss=first_loss,
+        final_loss=final_loss,
+        resumed_from=start,
+        ewc_lambda=s.ewc_lambda,
+        device=str(device),
+    )
+
+
+def _estimate(
+    model: Any,
+    tok: Any,
+    examples: Sequence[Messages],
+    s: TrainSettings,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    batch_rows: int,
+) -> dict[str, torch.Tensor]:
+    toks = [t for t in (tokenize_chat(tok, m, s.max_len) for m in examples) if t is not None]
+    rows = pack(toks, s.max_len)
+    groups = batches(rows, batch_rows, random.Random(s.seed + 7))
+    # Max-normalised, so that lambda means the same from cycle to cycle and model to model
+    # (the raw estimate scales with batch size and loss averaging).
+    return ewc.normalize_fisher(
+        ewc.estimate_fisher(model, groups, loss_fn, max_batches=s.fisher_batches)
+    )
+
+
+def _bar(total: int, start: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step", disable=None)

@@ -1,0 +1,207 @@
+"""The learner on the tiny model, on the CPU: it learns, aborts on NaN, resumes after a kill,
+and forgets less with replay and EWC."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from learners.lora import LoraSettings
+from learners.run import TrainingFailed, run_job, write_job
+from learners.train import NonFiniteLoss, TrainJob, TrainSettings, train
+
+FACTS = [
+    [
+        {"role": "user", "content": f"What is the code word {i}?"},
+        {"role": "assistant", "content": f"The code word {i} is zebra {i}."},
+    ]
+    for i in range(8)
+]
+GENERAL_PROMPTS = [
+    "Hello!",
+    "What is the capital of France?",
+    "Tell me about the river.",
+    "Please help me.",
+    "Who reads a book?",
+    "What is 3 plus 3?",
+]
+HELD_OUT = [
+    "The teacher walks to the river.",
+    "Thank you for your question.",
+    "My friend cooks dinner.",
+    "What is the capital of Spain?",
+]
+
+FAST = TrainSettings(
+    lora=LoraSettings(rank=8, alpha=16, dropout=0.0),
+    learning_rate=5e-3,
+    max_len=128,
+    batch_tokens=256,
+    min_steps=12,
+    seed=0,
+)
+
+
+def sampled_answers(
+    model_dir: Path, prompts: list[str], *, per_prompt: int = 3, n: int = 16, seed: int = 0
+) -> list[list[dict[str, str]]]:
+    """Self-replay data: the base model's own *sampled* answers (temperature 1).
+
+    Sampled, not greedy: training on a model's own samples has zero expected gradient at that
+    model, so it anchors the output distribution; greedy answers would sharpen it instead.
+    """
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": p}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        for _ in range(per_prompt):
+            with torch.no_grad():
+                gen = model.generate(
+                    **ids, max_new_tokens=n, do_sample=True, temperature=1.0, top_k=0, top_p=1.0
+                )
+            text = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            out.append([{"role": "user", "content": p}, {"role": "assistant", "content": text}])
+    return out
+
+
+def kl_from_base(base, model, tok, convs) -> float:  # type: ignore[no-untyped-def]
+    """Mean KL(base || model) of the next-token distributions over whole conversations."""
+    vals = []
+    for c in convs:
+        ids = tok.apply_chat_template(c, tokenize=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ]
+        with torch.no_grad():
+            lp_base = torch.log_softmax(base(input_ids=ids).logits.float(), -1)
+            lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        vals.append((lp_base.exp() * (lp_base - lp)).sum(-1).mean())
+    return float(torch.stack(vals).mean())
+
+
+def test_a_run_lowers_the_loss_and_writes_a_peft_adapter(tiny_model: Path, tmp_path: Path) -> None:
+    r = train(
+        TrainJob(base_model=str(tiny_model), work_dir=tmp_path, examples=FACTS, settings=FAST)
+    )
+    assert r.final_loss < r.first_loss * 0.8
+    files = sorted(p.name for p in r.adapter_dir.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((r.adapter_dir / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and set(cfg["target_modules"]) >= {"q_proj", "down_proj"}
+    log = [json.loads(x) for x in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == list(range(1, r.steps + 1))
+    # Deterministic for a seed.
+    r2 = train(
+        TrainJob(
+            base_model=str(tiny_model), work_dir=tmp_path / "again", examples=FACTS, settings=FAST
+        )
+    )
+    assert r2.final_loss == pytest.approx(r.final_loss, rel=1e-5)
+
+
+def test_nan_aborts_and_leaves_no_adapter(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLoss, match="step 3"):
+        train(
+            TrainJob(
+                base_model=str(tiny_model),
+                work_dir=tmp_path,
+                examples=FACTS,
+                settings=FAST,
+                nan_at_step=2,
+            )
+        )
+    assert not (tmp_path / "adapter").exists()
+    write_job(
+        TrainJob(
+            base_model=str(tiny_model),
+            work_dir=tmp_path / "child",
+            examples=FACTS,
+            settings=FAST,
+            nan_at_step=0,
+        )
+    )
+    with pytest.raises(TrainingFailed) as e:
+        run_job(tmp_path / "child")
+    assert e.value.kind == "non_finite"
+    assert not (tmp_path / "child" / "adapter").exists()
+
+
+def test_the_child_resumes_from_its_checkpoint_after_a_kill(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    settings = TrainSettings(**{**FAST.__dict__, "steps": 40, "checkpoint_every": 5})
+    work = write_job(
+        TrainJob(base_model=str(tiny_model), work_dir=tmp_path, examples=FACTS, settings=settings)
+    )
+    killed = []
+
+    def kill_after_checkpoint(proc) -> None:  # type: ignore[no-untyped-def]
+        if killed:
+            return
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (work / "checkpoints" / "latest").exists():
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        killed.append(True)
+
+    outcome = run_job(work, on_start=kill_after_checkpoint)
+    assert outcome.restarts == 1
+    assert outcome.result["resumed_from"] >= 5
+    steps = [json.loads(x)["step"] for x in (work / "progress.jsonl").read_text().splitlines()]
+    assert steps[-1] == 40
+    # Same final loss as an uninterrupted run: resuming restores weights, optimizer and data order.
+    clean = train(
+        TrainJob(
+            base_model=str(tiny_model),
+            work_dir=tmp_path / "clean",
+            examples=FACTS,
+            settings=settings,
+        )
+    )
+    assert outcome.result["final_loss"] == pytest.approx(clean.final_loss, rel=1e-3)
+
+
+def test_replay_and_ewc_drift_less_from_the_base_on_held_out_prompts(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    replay = sampled_answers(tiny_model, GENERAL_PROMPTS, seed=1)
+    held_out = sampled_answers(tiny_model, HELD_OUT, per_prompt=1, seed=2)
+    settings = TrainSettings(**{**FAST.__dict__, "steps": 30, "learning_rate": 1e-2})
+
+    def drift(examples, lam: float, name: str) -> float:  # type: ignore[no-untyped-def]
+        s = TrainSettings(**{**settings.__dict__, "ewc_lambda": lam})
+        r = train(
+            TrainJob(
+                base_model=str(tiny_model),
+                work_dir=tmp_path / name,
+                examples=examples,
+                settings=s,
+                fisher_examples=replay,
+            )
+        )
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+            str(r.adapter_dir),
+        ).eval()
+        return kl_from_base(base, model, tok, held_out)
+
+    plain = drift(FACTS, 0.0, "plain")
+    protected = drift(FACTS + replay, 1000.0, "protected")
+    assert plain > 0.01  # the plain run really moved the model (else the comparison is empty)
+    assert protected < plain * 0.8, (plain, protected)
