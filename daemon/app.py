@@ -296,6 +296,7 @@ def run(settings: Settings) -> None:
         loop="uvloop",
         http="httptools",
     )
+
     # uvicorn drains on the first SIGTERM/SIGINT, then re-raises the signal once it has
     # restored the handlers that were there before: make that a clean exit, status 0.
     def stopped(signum: int, frame: object) -> None:

@@ -56,7 +56,9 @@ class ServingSettings(_Section):
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
     max_loras: int = Field(4, ge=1, description="Adapters vLLM keeps loaded at once.")
-    max_lora_rank: int = Field(64, description="Largest adapter rank vLLM accepts: 8, 16, 32, 64, 128 or 256.")
+    max_lora_rank: int = Field(
+        64, description="Largest adapter rank vLLM accepts: 8, 16, 32, 64, 128 or 256."
+    )
     max_num_seqs: int | None = Field(None, ge=1)
     extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="More vLLM flags, passed as they are."
@@ -187,7 +189,7 @@ def load_settings(**overrides: Any) -> Settings:
             shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
             env = "ADAPTD_" + key.upper().replace(".", "__")
             lines.append(f"{key} [{env}]: {msg}{shown}" if key != "config" else msg)
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from None
     except (OSError, ValueError) as e:  # unreadable or malformed TOML
         raise ConfigError(f"cannot read the configuration: {e}") from e
 

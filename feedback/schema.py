@@ -40,7 +40,8 @@ class FeedbackBody(BaseModel):
         None
     )
     response: Text | None = None
-    rating: Literal[-1, 0, 1] | None = None
+    # strict int: a JSON true/false or 1.0 is not a rating.
+    rating: Annotated[int, Field(strict=True, ge=-1, le=1)] | None = None
     correction: Text | None = None
     comment: Text | None = None
     user: Annotated[str, StringConstraints(max_length=256)] | None = None

@@ -62,12 +62,17 @@ class Writer:
         self._max_batch = max_batch
         self._stats = WriterStats()
         self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="adaptd-writer", daemon=True)
         self._thread.start()
 
     # -- producers -----------------------------------------------------------
     def log_interaction(self, item: Interaction) -> bool:
         """Queue an interaction for logging; never blocks. False when it was dropped."""
+        if self._closed:
+            with self._lock:
+                self._stats.dropped += 1
+            return False
         try:
             self._queue.put_nowait(item)
             return True
@@ -82,6 +87,7 @@ class Writer:
     def submit(self, fn: Callable[[Store], T]) -> concurrent.futures.Future[T]:
         """Run ``fn(store)`` in the writer's transaction; the future resolves after COMMIT."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._check_open()
         try:
             self._queue.put_nowait(_Call(fn, fut))
         except queue.Full:
@@ -96,8 +102,15 @@ class Writer:
         return self.submit(fn).result(timeout)
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Block until everything queued before this call is committed."""
-        self.call_sync(lambda store: None, timeout)
+        """Block until everything queued before this call is committed (waits for room)."""
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._check_open()
+        self._queue.put(_Call(lambda store: None, fut), timeout=timeout)
+        fut.result(timeout)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the store's writer is closed (the daemon is stopping)")
 
     def stats(self) -> WriterStats:
         with self._lock:
@@ -109,6 +122,7 @@ class Writer:
         """Commit what is queued, then stop the thread."""
         if not self._thread.is_alive():
             return
+        self._closed = True
         self._queue.put(_STOP, timeout=timeout)
         self._thread.join(timeout)
         if self._thread.is_alive():

@@ -31,7 +31,17 @@ from typing import Any
 import torch
 
 from learners import ewc
-from learners.data import Messages, PackedRow, batches, collate, pack, shift_loss, tokenize_chat
+from learners.data import (
+    IGNORE,
+    Messages,
+    PackedRow,
+    Tokenized,
+    batches,
+    collate,
+    pack,
+    shift_loss,
+    tokenize_chat,
+)
 from learners.lora import LoraSettings, load_model, load_trainable, save_adapter, trainable
 
 log = logging.getLogger(__name__)
@@ -75,6 +85,10 @@ class TrainJob:
     ewc_state: Path | None = None  # ewc.safetensors of the promoted adapter
     fisher_examples: Sequence[Messages] = ()  # what the new Fisher is estimated on
     nan_at_step: int | None = None  # tests: inject a NaN loss at this step
+    # Already tokenized examples (benchmarks on random-weight models without a tokenizer):
+    # used instead of `examples` / `fisher_examples` when given.
+    tokenized: Sequence[Tokenized] | None = None
+    pad_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,16 +184,34 @@ def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> int:
 def _loss_fn(
     device: torch.device, pad_id: int, amp: torch.dtype | None
 ) -> Callable[[Any, Any], torch.Tensor]:
+    """The SFT loss of a batch of packed rows.
+
+    The output layer runs only on the positions that have a label (the answers): for a
+    150k-token vocabulary that saves most of the logits' memory and the lm_head's compute on
+    prompt tokens, which carry no loss anyway.
+    """
+
     def loss(model: Any, rows: Sequence[PackedRow]) -> torch.Tensor:
         b = {k: v.to(device, non_blocking=True) for k, v in collate(rows, pad_id).items()}
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder, head = getattr(inner, "model", None), getattr(inner, "lm_head", None)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(
+            if decoder is None or head is None:  # an unusual architecture: full logits
+                logits = model(
+                    input_ids=b["input_ids"],
+                    attention_mask=b["attention_mask"],
+                    position_ids=b["position_ids"],
+                ).logits
+                return shift_loss(logits, b["labels"])[0]
+            hidden = decoder(
                 input_ids=b["input_ids"],
                 attention_mask=b["attention_mask"],
                 position_ids=b["position_ids"],
-            ).logits
-        value, _ = shift_loss(logits, b["labels"])
-        return value
+            ).last_hidden_state
+            targets = b["labels"][:, 1:]
+            keep = targets != IGNORE
+            logits = head(hidden[:, :-1][keep])
+        return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
     return loss
 
@@ -201,9 +233,19 @@ def train(
     work = Path(job.work_dir)
     work.mkdir(parents=True, exist_ok=True)
 
-    tok = AutoTokenizer.from_pretrained(job.base_model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    tokenized = [tokenize_chat(tok, m, s.max_len) for m in job.examples]
+    if job.tokenized is not None:
+        tokenized: list[Tokenized | None] = list(job.tokenized)
+        fisher_basis: list[Tokenized] = list(job.tokenized)
+        pad_id = job.pad_id
+    else:
+        tok = AutoTokenizer.from_pretrained(job.base_model)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        tokenized = [tokenize_chat(tok, m, s.max_len) for m in job.examples]
+        fisher_basis = [
+            t
+            for t in (tokenize_chat(tok, m, s.max_len) for m in job.fisher_examples)
+            if t is not None
+        ]
     kept = [t for t in tokenized if t is not None and t.n_target > 0]
     if not kept:
         raise ValueError("no example fits max_len: nothing to train on")
@@ -236,9 +278,9 @@ def train(
             anchor = {n: t.to(device, torch.float32) for n, t in a_prev.items()}
         else:
             log.warning("EWC state does not match this adapter's shape: EWC off for this run")
-    elif s.ewc_lambda > 0 and job.fisher_examples:
+    elif s.ewc_lambda > 0 and fisher_basis:
         # First cycle: hold the adapter near "no change" where general data cares.
-        fisher = _estimate(model, tok, job.fisher_examples, s, loss_fn, batch_rows)
+        fisher = _estimate(model, fisher_basis, s, loss_fn, batch_rows)
         anchor = {n: p.detach().float().clone() for n, p in params.items()}
 
     ckpt_dir = work / "checkpoints" / "latest"
@@ -302,8 +344,7 @@ def train(
     save_adapter(model, out)
     # The Fisher of this cycle's data at the new weights, merged into the running one.
     if s.ewc_lambda > 0:
-        basis = job.fisher_examples or job.examples
-        f_new = _estimate(model, tok, basis, s, loss_fn, batch_rows)
+        f_new = _estimate(model, fisher_basis or kept, s, loss_fn, batch_rows)
         merged = ewc.consolidate(fisher or None, f_new, decay=s.ewc_decay)
         ewc.save_state(
             out / "ewc.safetensors",
@@ -331,13 +372,11 @@ def train(
 
 def _estimate(
     model: Any,
-    tok: Any,
-    examples: Sequence[Messages],
+    toks: Sequence[Tokenized],
     s: TrainSettings,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     batch_rows: int,
 ) -> dict[str, torch.Tensor]:
-    toks = [t for t in (tokenize_chat(tok, m, s.max_len) for m in examples) if t is not None]
     rows = pack(toks, s.max_len)
     groups = batches(rows, batch_rows, random.Random(s.seed + 7))
     # Max-normalised, so that lambda means the same from cycle to cycle and model to model

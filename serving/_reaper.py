@@ -69,6 +69,11 @@ def _others_in_group(pgid: int) -> bool:
     return False
 
 
+def _status(code: int) -> int:
+    """The shell's convention: a command killed by signal N exits 128 + N."""
+    return 128 - code if code < 0 else code
+
+
 def main(argv: list[str]) -> int:
     if "--" not in argv or argv.index("--") != 2:
         print("usage: python -m serving._reaper PARENT_PID GRACE_S -- CMD ...", file=sys.stderr)
@@ -88,12 +93,12 @@ def main(argv: list[str]) -> int:
     while True:
         if stopping or os.getppid() != parent:
             _kill_group(grace, child)
-            return child.wait()
+            return _status(child.wait())
         code = child.poll()
         if code is not None:
             # vLLM exited on its own: take any stragglers of the group with it.
             _kill_group(min(grace, 5.0), child)
-            return code
+            return _status(code)
         time.sleep(0.2)
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from tinymodel import build_tiny_model
 
 INFERENCE_KEY = "test-inference-key"

@@ -18,7 +18,11 @@ from conftest import ADMIN_KEY, INFERENCE_KEY, RunningDaemon
 
 pytestmark = pytest.mark.vllm
 
-CHAT = {"model": "adaptd", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6}
+CHAT = {
+    "model": "adaptd",
+    "messages": [{"role": "user", "content": "Hello there"}],
+    "max_tokens": 6,
+}
 
 
 def rows(daemon: RunningDaemon, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -64,7 +68,9 @@ def test_chat_with_the_official_client_links_id_headers_and_row(
     assert resp.id == iid and iid.startswith("chatcmpl-")
     assert raw.headers["x-adaptd-version"] == "base"
     assert resp.model == "adaptd"
-    assert resp.usage is not None and resp.usage.completion_tokens == len(resp.choices) * 8 or resp.choices[0].finish_reason == "stop"
+    assert (
+        resp.usage is not None and resp.usage.completion_tokens == len(resp.choices) * 8
+    ) or resp.choices[0].finish_reason == "stop"
     row = interaction(daemon, iid)
     assert row["endpoint"] == "chat" and row["status"] == "ok" and row["stream"] == 0
     assert row["output"] == resp.choices[0].message.content
@@ -99,25 +105,34 @@ def test_streaming_passes_tokens_through_and_logs_the_whole_answer(
 def test_streaming_with_usage_requested_keeps_the_usage_chunk(oai: openai.OpenAI) -> None:
     chunks = list(
         oai.chat.completions.create(
-            model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-            stream=True, stream_options={"include_usage": True},
-        )  # fmt: skip
+            model="base",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
     )
     usage = [c.usage for c in chunks if c.usage is not None]
     assert usage and usage[-1].completion_tokens <= 4
 
 
 def test_greedy_stream_equals_greedy_plain(oai: openai.OpenAI) -> None:
-    kw: dict[str, Any] = dict(model="base", messages=[{"role": "user", "content": "Once"}], max_tokens=10, temperature=0)
+    kw: dict[str, Any] = dict(
+        model="base", messages=[{"role": "user", "content": "Once"}], max_tokens=10, temperature=0
+    )
     plain = oai.chat.completions.create(**kw).choices[0].message.content
     streamed = "".join(
-        c.choices[0].delta.content or "" for c in oai.chat.completions.create(stream=True, **kw) if c.choices
+        c.choices[0].delta.content or ""
+        for c in oai.chat.completions.create(stream=True, **kw)
+        if c.choices
     )
     assert plain == streamed
 
 
 def test_completions_plain_and_streaming(oai: openai.OpenAI, daemon: RunningDaemon) -> None:
-    raw = oai.completions.with_raw_response.create(model="base", prompt="The capital of", max_tokens=5)
+    raw = oai.completions.with_raw_response.create(
+        model="base", prompt="The capital of", max_tokens=5
+    )
     resp = raw.parse()
     assert resp.id == raw.headers["x-adaptd-interaction-id"] and resp.id.startswith("cmpl-")
     row = interaction(daemon, resp.id)
@@ -130,7 +145,9 @@ def test_completions_plain_and_streaming(oai: openai.OpenAI, daemon: RunningDaem
 def test_aborted_stream_is_marked(daemon: RunningDaemon) -> None:
     body = {**CHAT, "max_tokens": 64, "stream": True}
     headers = {"Authorization": f"Bearer {INFERENCE_KEY}"}
-    with httpx.stream("POST", daemon.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+    with httpx.stream(
+        "POST", daemon.url + "/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
         iid = r.headers["x-adaptd-interaction-id"]
         for _ in r.iter_lines():
             break  # hang up after the first event
@@ -158,10 +175,16 @@ def test_version_name_needs_admin_key_and_serves_the_adapter(
     with pytest.raises(openai.PermissionDeniedError):
         oai.chat.completions.create(model=name, messages=msgs, max_tokens=8)  # type: ignore[arg-type]
     admin = openai.OpenAI(base_url=daemon.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-    raw = admin.chat.completions.with_raw_response.create(model=name, messages=msgs, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    raw = admin.chat.completions.with_raw_response.create(
+        model=name, messages=msgs, max_tokens=8, temperature=0
+    )  # type: ignore[arg-type]
     assert raw.headers["x-adaptd-version"] == name
     adapted = raw.parse().choices[0].message.content
-    base = admin.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=0).choices[0].message.content  # type: ignore[arg-type]
+    base = (
+        admin.chat.completions.create(model="base", messages=msgs, max_tokens=8, temperature=0)
+        .choices[0]
+        .message.content
+    )  # type: ignore[arg-type]
     assert adapted != base  # the adapter is really applied
     assert name in {m.id for m in admin.models.list()}
     assert name not in {m.id for m in oai.models.list()}
@@ -170,16 +193,39 @@ def test_version_name_needs_admin_key_and_serves_the_adapter(
 # -- feedback ------------------------------------------------------------------------------
 def test_feedback_links_to_the_interaction(client: httpx.Client, daemon: RunningDaemon) -> None:
     iid = client.post("/v1/chat/completions", json=CHAT).json()["id"]
-    r = client.post("/v1/feedback", json={"interaction_id": iid, "rating": -1, "correction": "Hi!", "comment": "too odd", "user": "u1", "tags": ["greeting"]})
+    r = client.post(
+        "/v1/feedback",
+        json={
+            "interaction_id": iid,
+            "rating": -1,
+            "correction": "Hi!",
+            "comment": "too odd",
+            "user": "u1",
+            "tags": ["greeting"],
+        },
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["interaction_id"] == iid
-    (row,) = rows(daemon, "SELECT interaction_id, rating, correction, comment, user, tags FROM feedback WHERE id = ?", body["id"])
+    (row,) = rows(
+        daemon,
+        "SELECT interaction_id, rating, correction, comment, user, tags FROM feedback WHERE id = ?",
+        body["id"],
+    )
     assert row == (iid, -1, "Hi!", "too odd", "u1", '["greeting"]')
 
 
-def test_feedback_on_a_conversation_served_elsewhere(client: httpx.Client, daemon: RunningDaemon) -> None:
-    r = client.post("/v1/feedback", json={"messages": [{"role": "user", "content": "2+2?"}], "response": "5", "correction": "4"})
+def test_feedback_on_a_conversation_served_elsewhere(
+    client: httpx.Client, daemon: RunningDaemon
+) -> None:
+    r = client.post(
+        "/v1/feedback",
+        json={
+            "messages": [{"role": "user", "content": "2+2?"}],
+            "response": "5",
+            "correction": "4",
+        },
+    )
     assert r.status_code == 201, r.text
     iid = r.json()["interaction_id"]
     row = interaction(daemon, iid)
@@ -190,15 +236,24 @@ def test_feedback_batch_is_all_or_nothing(client: httpx.Client, daemon: RunningD
     iid = client.post("/v1/chat/completions", json=CHAT).json()["id"]
     interaction(daemon, iid)
     before = snapshot(daemon)
-    bad = {"items": [{"interaction_id": iid, "rating": 1}, {"interaction_id": "chatcmpl-unknown", "rating": 1}]}
+    bad = {
+        "items": [
+            {"interaction_id": iid, "rating": 1},
+            {"interaction_id": "chatcmpl-unknown", "rating": 1},
+        ]
+    }
     r = client.post("/v1/feedback/batch", json=bad)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_interaction"
     assert snapshot(daemon) == before
-    bad_shape = {"items": [{"interaction_id": iid, "rating": 1}, {"interaction_id": iid, "rating": 7}]}
+    bad_shape = {
+        "items": [{"interaction_id": iid, "rating": 1}, {"interaction_id": iid, "rating": 7}]
+    }
     r = client.post("/v1/feedback/batch", json=bad_shape)
     assert r.status_code == 422 and "items[1]" in r.json()["error"]["message"]
     assert snapshot(daemon) == before
-    good = {"items": [{"interaction_id": iid, "rating": 1}, {"interaction_id": iid, "comment": "fine"}]}
+    good = {
+        "items": [{"interaction_id": iid, "rating": 1}, {"interaction_id": iid, "comment": "fine"}]
+    }
     r = client.post("/v1/feedback/batch", json=good)
     assert r.status_code == 201 and len(r.json()["items"]) == 2
     assert snapshot(daemon)[1] == before[1] + 2
@@ -222,12 +277,24 @@ def test_auth(daemon: RunningDaemon, method: str, path: str, inference_ok: bool)
         r = httpx.request(method, daemon.url + path, headers=headers, json={}, timeout=30)
         assert r.status_code == 401, (path, headers, r.text)
         assert r.json()["error"]["type"] == "authentication_error"
-    r = httpx.request(method, daemon.url + path, headers={"Authorization": f"Bearer {INFERENCE_KEY}"}, json={}, timeout=30)
+    r = httpx.request(
+        method,
+        daemon.url + path,
+        headers={"Authorization": f"Bearer {INFERENCE_KEY}"},
+        json={},
+        timeout=30,
+    )
     if inference_ok:
         assert r.status_code not in (401, 403)
     else:
         assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
-    r = httpx.request(method, daemon.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, json={}, timeout=30)
+    r = httpx.request(
+        method,
+        daemon.url + path,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        json={},
+        timeout=30,
+    )
     assert r.status_code not in (401, 403)
 
 
@@ -239,7 +306,14 @@ def test_open_routes_need_no_key(daemon: RunningDaemon) -> None:
 
 
 def test_vllm_control_endpoints_are_not_reachable(client: httpx.Client) -> None:
-    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep", "/wake_up", "/collective_rpc", "/reset_prefix_cache"):
+    for path in (
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/sleep",
+        "/wake_up",
+        "/collective_rpc",
+        "/reset_prefix_cache",
+    ):
         r = client.post(path, json={"lora_name": "x", "lora_path": "/etc"})
         assert r.status_code in (404, 405), path
 
@@ -253,9 +327,19 @@ BAD_INPUTS = [
     ("wrong type: max_tokens", "/v1/chat/completions", {**CHAT, "max_tokens": "9"}, 400),
     ("missing fields: feedback", "/v1/feedback", {"comment": "no target"}, 422),
     ("missing fields: no rating/correction/comment", "/v1/feedback", {"interaction_id": "x"}, 422),
-    ("missing fields: model", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400),
+    (
+        "missing fields: model",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}]},
+        400,
+    ),
     ("unknown field in feedback", "/v1/feedback", {"interaction_id": "x", "raiting": 1}, 422),
-    ("oversized body", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]}, 413),
+    (
+        "oversized body",
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]},
+        413,
+    ),
     ("oversized feedback", "/v1/feedback", {"interaction_id": "x", "comment": "y" * 70_000}, 413),
     ("unknown interaction", "/v1/feedback", {"interaction_id": "chatcmpl-nope", "rating": 1}, 404),
     ("unknown model", "/v1/chat/completions", {**CHAT, "model": "gpt-9"}, 404),
@@ -265,8 +349,12 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("case", "path", "body", "status"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input(client: httpx.Client, daemon: RunningDaemon, case: str, path: str, body: Any, status: int) -> None:
+@pytest.mark.parametrize(
+    ("case", "path", "body", "status"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input(
+    client: httpx.Client, daemon: RunningDaemon, case: str, path: str, body: Any, status: int
+) -> None:
     before = snapshot(daemon)
     if isinstance(body, bytes):
         r = client.post(path, content=body, headers={"Content-Type": "application/json"})
@@ -279,8 +367,12 @@ def test_bad_input(client: httpx.Client, daemon: RunningDaemon, case: str, path:
     assert snapshot(daemon) == before
 
 
-def test_prompt_longer_than_the_model_is_refused_by_vllm_in_openai_shape(client: httpx.Client) -> None:
+def test_prompt_longer_than_the_model_is_refused_by_vllm_in_openai_shape(
+    client: httpx.Client,
+) -> None:
     long = " ".join(["word"] * 2000)
-    r = client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": long}]})
+    r = client.post(
+        "/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": long}]}
+    )
     assert r.status_code == 400
     assert "error" in r.json() and r.json()["error"]["message"]

@@ -69,24 +69,37 @@ def test_a_killed_vllm_child_is_noticed_and_replaced(daemon: RunningDaemon) -> N
     assert pid is not None and alive(pid)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not ready(daemon), 15, "/readyz to turn false")
-    r = httpx.post(daemon.url + "/v1/chat/completions", json=CHAT, headers=inference_headers(), timeout=30)
+    r = httpx.post(
+        daemon.url + "/v1/chat/completions", json=CHAT, headers=inference_headers(), timeout=30
+    )
     assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
     wait_for(lambda: ready(daemon), 400, "vLLM to come back")
     st = httpx.get(daemon.url + "/admin/status", headers=admin_headers()).json()
     assert st["engine"]["restarts"] == 1 and st["engine"]["pid"] not in (None, pid)
-    r = httpx.post(daemon.url + "/v1/chat/completions", json=CHAT, headers=inference_headers(), timeout=60)
+    r = httpx.post(
+        daemon.url + "/v1/chat/completions", json=CHAT, headers=inference_headers(), timeout=60
+    )
     assert r.status_code == 200
     assert "adaptd_engine_restarts_total 1.0" in httpx.get(daemon.url + "/metrics").text
 
 
 def test_sigkill_leaves_no_orphan_and_data_survives_a_restart(daemon: RunningDaemon) -> None:
-    r = httpx.post(daemon.url + "/v1/chat/completions", json=CHAT, headers=inference_headers(), timeout=60)
+    r = httpx.post(
+        daemon.url + "/v1/chat/completions", json=CHAT, headers=inference_headers(), timeout=60
+    )
     iid = r.json()["id"]
-    fb = httpx.post(daemon.url + "/v1/feedback", json={"interaction_id": iid, "rating": 1}, headers=inference_headers())
+    fb = httpx.post(
+        daemon.url + "/v1/feedback",
+        json={"interaction_id": iid, "rating": 1},
+        headers=inference_headers(),
+    )
     assert fb.status_code == 201
     db = daemon.data_dir / "adaptd.db"
     with sqlite3.connect(db) as conn:
-        before = conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0], conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+        before = (
+            conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0],
+            conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0],
+        )
     assert daemon.proc is not None
     tree = descendants(daemon.proc.pid)
     assert len(tree) >= 3  # reaper, vLLM's api_server and its engine processes
@@ -96,11 +109,20 @@ def test_sigkill_leaves_no_orphan_and_data_survives_a_restart(daemon: RunningDae
 
     daemon.start()
     with sqlite3.connect(db) as conn:
-        after = conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0], conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
-        assert conn.execute("SELECT rating FROM feedback WHERE id = ?", [fb.json()["id"]]).fetchone() == (1,)
+        after = (
+            conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0],
+            conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0],
+        )
+        assert conn.execute(
+            "SELECT rating FROM feedback WHERE id = ?", [fb.json()["id"]]
+        ).fetchone() == (1,)
     assert after == before
     # The old interaction still takes feedback after the restart.
-    again = httpx.post(daemon.url + "/v1/feedback", json={"interaction_id": iid, "comment": "still here"}, headers=inference_headers())
+    again = httpx.post(
+        daemon.url + "/v1/feedback",
+        json={"interaction_id": iid, "comment": "still here"},
+        headers=inference_headers(),
+    )
     assert again.status_code == 201
 
 
