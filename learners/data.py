@@ -5,9 +5,10 @@
   when to stop, not to imitate users. The prompt is tokenized exactly as the server will see it
   (the template with ``add_generation_prompt=True``), and the answer is appended.
 * `pack` puts examples into rows of at most ``max_len`` tokens (first-fit by decreasing length).
-* `collate` turns packed rows into tensors with per-example position ids and a block-diagonal
-  causal mask, so a token never attends to another example in the same row: the logits of a
-  packed example equal those of the example alone (tested).
+* `collate` turns packed rows into tensors with per-example position ids; from those (and no
+  cache) transformers builds a block-diagonal causal mask, so a token never attends to another
+  example in the same row: the logits of a packed example equal those of the example alone
+  (tested).
 """
 
 from __future__ import annotations
@@ -110,36 +111,28 @@ def batches(
     return [[rows[i] for i in order[k : k + batch_rows]] for k in range(0, len(order), batch_rows)]
 
 
-def collate(rows: Sequence[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
-    """Tensors for a batch of packed rows, padded to the longest row.
+def collate(
+    rows: Sequence[PackedRow], pad_id: int, *, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors for a batch of packed rows, padded to the longest row (or to ``pad_to``).
 
-    ``attention_mask`` is boolean (B, 1, L, L): True where a query may attend to a key, i.e. a
-    causal mask restricted to the query's own example. Padding attends only to itself (so no
-    softmax row is empty) and carries no label.
+    No attention mask is built here: with ``position_ids`` restarting at 0 for every example
+    and no cache, transformers derives the block-diagonal causal mask itself, on the device
+    (for SDPA a dense mask, for flex attention a block-sparse one that skips the blocks between
+    examples). Padding gets position 0, so each pad token is a sequence of its own, attends to
+    itself only and carries no label.
     """
-    length = max(len(r) for r in rows)
+    length = max(max(len(r) for r in rows), pad_to or 0)
     n = len(rows)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     labels = torch.full((n, length), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((n, length), dtype=torch.long)
-    segments = torch.full((n, length), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         k = len(r)
         input_ids[i, :k] = torch.tensor(r.input_ids)
         labels[i, :k] = torch.tensor(r.labels)
         position_ids[i, :k] = torch.tensor(r.position_ids)
-        segments[i, :k] = torch.tensor(r.segments)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    pad = segments < 0
-    eye = torch.eye(length, dtype=torch.bool)
-    mask = (same & causal & ~pad[:, :, None]) | (pad[:, :, None] & eye)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "attention_mask": mask[:, None, :, :],
-    }
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
 def shift_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -306,6 +306,50 @@ def ewc_penalty(
     return penalty
 
 
+def add_penalty_grad_(
+    params: Mapping[str, Tensor],
+    anchor: Mapping[str, Tensor],
+    fisher: Mapping[str, Tensor],
+    lam: float,
+) -> Tensor:
+    """Add the penalty's gradient ``lam * F * (theta - theta*)`` to each ``param.grad``, in place,
+    and return the penalty's value (0-dim, detached).
+
+    The same update as adding `ewc_penalty` to the loss before ``backward()`` (gradients add),
+    without autograd: a few multi-tensor kernels and no graph, so it costs next to nothing per
+    step. Call it after ``backward()`` and before gradient clipping, so clipping sees the total
+    gradient as it would with the penalty in the loss. Parameters are float32 (LoRA weights are
+    kept in float32 by the learner); a parameter without ``.grad`` gets one.
+    """
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if lam == 0 or not fisher:
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        return torch.zeros((), dtype=torch.float32, device=device)
+    thetas, anchors, weights, grads = [], [], [], []
+    for name, f in fisher.items():
+        theta = params.get(name)
+        a = anchor.get(name)
+        if theta is None or a is None:
+            raise ValueError(f"parameter {name!r} has a Fisher entry but no parameter or anchor")
+        if not (theta.shape == a.shape == f.shape):
+            raise ValueError(f"shape mismatch for parameter {name!r}")
+        if theta.dtype != torch.float32:
+            raise ValueError(f"parameter {name!r} is {theta.dtype}; keep LoRA weights in float32")
+        if theta.grad is None:
+            theta.grad = torch.zeros_like(theta)
+        thetas.append(theta.detach())
+        anchors.append(_float32_on(a, theta.device))
+        weights.append(_float32_on(f, theta.device))
+        grads.append(theta.grad)
+    with torch.no_grad():
+        diffs = torch._foreach_sub(thetas, anchors)
+        weighted = torch._foreach_mul(diffs, weights)  # F * (theta - a)
+        torch._foreach_add_(grads, weighted, alpha=lam)
+        torch._foreach_mul_(diffs, weighted)  # F * (theta - a)^2 >= 0
+        return torch.stack(torch._foreach_norm(diffs, 1)).sum() * (lam / 2)
+
+
 def _float32_on(t: Tensor, device: torch.device) -> Tensor:
     if t.dtype == torch.float32 and t.device == device:
         return t

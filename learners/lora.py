@@ -30,9 +30,10 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     gradient_checkpointing: bool,
+    attention: str = "sdpa",
 ) -> Any:
     """The base model with a trainable LoRA adapter: a copy of ``warm_start``, or a fresh one."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attention)
     model.to(device)  # type: ignore[arg-type]
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -73,6 +73,10 @@ class TrainSettings:
     bf16: bool | None = None  # None: on a CUDA GPU only
     gradient_checkpointing: bool | None = None  # None: on a CUDA GPU only
     device: str | None = None
+    # "flex_attention" skips the blocks between packed examples (block-sparse); it compiles a
+    # kernel on first use, so rows are padded to max_len to keep one shape. None: flex on a
+    # CUDA GPU, SDPA on the CPU.
+    attention: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,9 @@ class TrainResult:
     resumed_from: int
     ewc_lambda: float
     device: str
+    loop_seconds: float = 0.0  # the optimizer steps alone
+    fisher_seconds: float = 0.0  # Fisher estimation (start and end of the run)
+    peak_memory_bytes: int = 0  # CUDA only
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -182,7 +189,7 @@ def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> int:
 
 
 def _loss_fn(
-    device: torch.device, pad_id: int, amp: torch.dtype | None
+    device: torch.device, pad_id: int, amp: torch.dtype | None, pad_to: int | None
 ) -> Callable[[Any, Any], torch.Tensor]:
     """The SFT loss of a batch of packed rows.
 
@@ -192,21 +199,20 @@ def _loss_fn(
     """
 
     def loss(model: Any, rows: Sequence[PackedRow]) -> torch.Tensor:
-        b = {k: v.to(device, non_blocking=True) for k, v in collate(rows, pad_id).items()}
+        b = {
+            k: v.to(device, non_blocking=True)
+            for k, v in collate(rows, pad_id, pad_to=pad_to).items()
+        }
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         decoder, head = getattr(inner, "model", None), getattr(inner, "lm_head", None)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             if decoder is None or head is None:  # an unusual architecture: full logits
                 logits = model(
-                    input_ids=b["input_ids"],
-                    attention_mask=b["attention_mask"],
-                    position_ids=b["position_ids"],
+                    input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
                 ).logits
                 return shift_loss(logits, b["labels"])[0]
             hidden = decoder(
-                input_ids=b["input_ids"],
-                attention_mask=b["attention_mask"],
-                position_ids=b["position_ids"],
+                input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
             ).last_hidden_state
             targets = b["labels"][:, 1:]
             keep = targets != IGNORE
@@ -230,6 +236,7 @@ def train(
     use_bf16 = on_gpu if s.bf16 is None else s.bf16
     amp = torch.bfloat16 if use_bf16 else None
     ckpt = on_gpu if s.gradient_checkpointing is None else s.gradient_checkpointing
+    attention = s.attention or ("flex_attention" if on_gpu else "sdpa")
     work = Path(job.work_dir)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -260,14 +267,16 @@ def train(
         dtype=torch.bfloat16 if use_bf16 else torch.float32,
         device=device,
         gradient_checkpointing=ckpt,
+        attention=attention,
     )
     params = trainable(model)
     opt = torch.optim.AdamW(
         params.values(), lr=s.learning_rate, weight_decay=s.weight_decay, fused=on_gpu
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, s))
-    loss_fn = _loss_fn(device, pad_id, amp)
+    loss_fn = _loss_fn(device, pad_id, amp, s.max_len if attention == "flex_attention" else None)
 
+    fisher_s = 0.0
     # EWC: the promoted adapter's consolidated Fisher, anchored at its weights.
     fisher: dict[str, torch.Tensor] = {}
     anchor: dict[str, torch.Tensor] = {}
@@ -280,7 +289,9 @@ def train(
             log.warning("EWC state does not match this adapter's shape: EWC off for this run")
     elif s.ewc_lambda > 0 and fisher_basis:
         # First cycle: hold the adapter near "no change" where general data cares.
-        fisher = _estimate(model, fisher_basis, s, loss_fn, batch_rows)
+        tf = time.perf_counter()
+        fisher = _estimate(model, fisher_basis, s, loss_fn, batch_rows, fisher_budget(total, s))
+        fisher_s += time.perf_counter() - tf
         anchor = {n: p.detach().float().clone() for n, p in params.items()}
 
     ckpt_dir = work / "checkpoints" / "latest"
@@ -296,19 +307,23 @@ def train(
     tokens = 0
     model.train()
     bar = _bar(total, start)
+    t_loop = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log_file:
         for step in range(start, total):
             batch = next(data)
             task = loss_fn(model, batch)
-            penalty = ewc.ewc_penalty(params, anchor, fisher, s.ewc_lambda) if fisher else None
-            loss = task + penalty if penalty is not None else task
             if job.nan_at_step is not None and step == job.nan_at_step:
-                loss = loss * float("nan")
-            if not torch.isfinite(loss):
+                task = task * float("nan")
+            if not torch.isfinite(task):
                 raise NonFiniteLoss(
-                    f"non-finite loss ({loss.item()}) at step {step + 1} of {total}"
+                    f"non-finite loss ({task.item()}) at step {step + 1} of {total}"
                 )
-            loss.backward()
+            task.backward()
+            # EWC's gradient goes straight into .grad: the same update as a loss term, no graph.
+            penalty = (
+                ewc.add_penalty_grad_(params, anchor, fisher, s.ewc_lambda) if fisher else None
+            )
+            loss = task.detach() + penalty if penalty is not None else task.detach()
             torch.nn.utils.clip_grad_norm_(params.values(), s.max_grad_norm)
             opt.step()
             sched.step()
@@ -337,6 +352,7 @@ def train(
             if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < total:
                 _save_checkpoint(ckpt_dir, model, opt, sched, step + 1)
     bar.close()
+    loop_s = time.perf_counter() - t_loop
 
     out = work / "adapter"
     shutil.rmtree(out, ignore_errors=True)
@@ -344,7 +360,11 @@ def train(
     save_adapter(model, out)
     # The Fisher of this cycle's data at the new weights, merged into the running one.
     if s.ewc_lambda > 0:
-        f_new = _estimate(model, fisher_basis or kept, s, loss_fn, batch_rows)
+        tf = time.perf_counter()
+        f_new = _estimate(
+            model, fisher_basis or kept, s, loss_fn, batch_rows, fisher_budget(total, s)
+        )
+        fisher_s += time.perf_counter() - tf
         merged = ewc.consolidate(fisher or None, f_new, decay=s.ewc_decay)
         ewc.save_state(
             out / "ewc.safetensors",
@@ -362,6 +382,9 @@ def train(
         tokens=tokens,
         target_tokens=sum(t.n_target for t in kept),
         seconds=round(time.perf_counter() - t0, 3),
+        loop_seconds=round(loop_s, 3),
+        fisher_seconds=round(fisher_s, 3),
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if on_gpu else 0,
         first_loss=first_loss,
         final_loss=final_loss,
         resumed_from=start,
@@ -370,20 +393,25 @@ def train(
     )
 
 
+def fisher_budget(total_steps: int, s: TrainSettings) -> int:
+    """Batches per Fisher estimate: at most ``fisher_batches`` and about 4% of the run's steps,
+    so estimation (at most twice a run) stays under a tenth of the training time."""
+    return max(1, min(s.fisher_batches, int(0.04 * total_steps)))
+
+
 def _estimate(
     model: Any,
     toks: Sequence[Tokenized],
     s: TrainSettings,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     batch_rows: int,
+    budget: int,
 ) -> dict[str, torch.Tensor]:
     rows = pack(toks, s.max_len)
     groups = batches(rows, batch_rows, random.Random(s.seed + 7))
     # Max-normalised, so that lambda means the same from cycle to cycle and model to model
     # (the raw estimate scales with batch size and loss averaging).
-    return ewc.normalize_fisher(
-        ewc.estimate_fisher(model, groups, loss_fn, max_batches=s.fisher_batches)
-    )
+    return ewc.normalize_fisher(ewc.estimate_fisher(model, groups, loss_fn, max_batches=budget))
 
 
 def _bar(total: int, start: int) -> Any:

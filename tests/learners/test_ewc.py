@@ -345,3 +345,26 @@ def test_load_state_rejects_other_safetensors_files(tmp_path: Path) -> None:
     save_file({"w": t(FISHER)}, str(path))
     with pytest.raises(ValueError, match="not an EWC state file"):
         load_state(path)
+
+
+def test_add_penalty_grad_matches_autograd_of_the_penalty() -> None:
+    from learners.ewc import add_penalty_grad_, ewc_penalty
+
+    torch.manual_seed(0)
+    theta = {"a": torch.randn(2, 3, requires_grad=True), "b": torch.randn(3, requires_grad=True)}
+    anchor = {k: torch.randn_like(v) for k, v in theta.items()}
+    fisher = {k: torch.rand_like(v) for k, v in theta.items()}
+    ewc_penalty(theta, anchor, fisher, 3.0).backward()
+    want = {k: v.grad.clone() for k, v in theta.items()}  # type: ignore[union-attr]
+    value_autograd = ewc_penalty(theta, anchor, fisher, 3.0).detach()
+    base_grad = {k: torch.full_like(v, 0.5) for k, v in theta.items()}
+    for k, v in theta.items():
+        v.grad = base_grad[k].clone()
+    value = add_penalty_grad_(theta, anchor, fisher, 3.0)
+    for k, v in theta.items():
+        torch.testing.assert_close(v.grad, base_grad[k] + want[k])
+    torch.testing.assert_close(value, value_autograd)
+    # By hand for one entry: lam * F * (theta - anchor).
+    k = "b"
+    expected0 = 0.5 + 3.0 * fisher[k][0] * (theta[k][0] - anchor[k][0])
+    torch.testing.assert_close(theta[k].grad[0], expected0.detach())  # type: ignore[index]
