@@ -85,6 +85,82 @@ class LimitSettings(_Section):
     max_messages: int = Field(512, ge=1)
 
 
+class TrainingSettings(_Section):
+    rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / rank).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="Layers that get an adapter (all linear layers of Llama/Qwen-style models).",
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    steps: int | None = Field(None, ge=1, description="Exact optimizer steps (overrides epochs).")
+    min_epochs: float = Field(3.0, gt=0, description="At least this many passes over the data.")
+    min_steps: int = Field(24, ge=1, description="At least this many optimizer steps.")
+    max_steps: int = Field(2000, ge=1, description="At most this many optimizer steps.")
+    max_len: int = Field(1024, ge=32, description="Tokens per example and per packed row.")
+    batch_tokens: int = Field(8192, ge=32, description="Tokens per optimizer step.")
+    seed: int = Field(0, description="Seed of the data order and the LoRA init.")
+    warm_start: bool = Field(
+        True, description="Continue from the promoted adapter (else a fresh one)."
+    )
+    ewc_lambda: float = Field(
+        1000.0, ge=0, description="EWC strength over a max-normalised Fisher; 0 turns EWC off."
+    )
+    ewc_decay: float = Field(
+        0.9, ge=0, le=1, description="Online EWC: weight of earlier cycles' Fisher."
+    )
+    max_restarts: int = Field(2, ge=0, description="Resumes after a crash of the training child.")
+    gradient_checkpointing: bool = Field(
+        False, description="Trade GPU time for memory (a card shared tightly with vLLM)."
+    )
+
+    _split_targets = field_validator("target_modules", mode="before")(_split)
+
+
+class ReplaySettings(_Section):
+    ratio: float = Field(1.0, ge=0, description="Replayed examples per new example.")
+    general_share: float = Field(0.3, ge=0, description="Share of replay from `general_path`.")
+    self_share: float = Field(
+        0.4, ge=0, description="Share of replay from the base model's own answers."
+    )
+    past_share: float = Field(
+        0.3, ge=0, description="Share of replay from earlier cycles' examples."
+    )
+    general_path: str | None = Field(
+        None, description="General data: a JSONL file or a saved datasets folder."
+    )
+    prompts_path: str | None = Field(
+        None, description="A file of general prompts (one per line) for self-replay."
+    )
+    reservoir_size: int = Field(2000, ge=0, description="Earlier examples kept for replay.")
+    self_max_tokens: int = Field(256, ge=1, description="Length cap of self-replay answers.")
+
+
+class CurationConfig(_Section):
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Interactions kept out of training."
+    )
+    max_example_chars: int = Field(8000, ge=1, description="Longest example kept.")
+    max_per_user: int = Field(50, ge=1, description="Most examples one user gives a cycle.")
+    max_user_share: float = Field(
+        0.25, gt=0, le=1, description="Largest share of a cycle one user gives."
+    )
+    near_duplicate_threshold: float = Field(
+        0.8, gt=0, le=1, description="Similarity above which items are duplicates."
+    )
+
+
 class StoreSettings(_Section):
     log_queue_size: int = Field(
         10_000,
@@ -125,6 +201,9 @@ class Settings(BaseSettings):
     serving: ServingSettings = Field(default_factory=ServingSettings)  # type: ignore[arg-type]
     limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
     store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
+    training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]
+    replay: ReplaySettings = Field(default_factory=ReplaySettings)  # type: ignore[arg-type]
+    curation: CurationConfig = Field(default_factory=CurationConfig)  # type: ignore[arg-type]
 
     _split_keys = field_validator("api_keys", "admin_keys", mode="before")(_split)
 
@@ -231,6 +310,9 @@ def example_toml() -> str:
         ("serving", ServingSettings),
         ("limits", LimitSettings),
         ("store", StoreSettings),
+        ("training", TrainingSettings),
+        ("replay", ReplaySettings),
+        ("curation", CurationConfig),
     ):
         out += ["", f"[{section}]"]
         out += _describe_fields(model, section)

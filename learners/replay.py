@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["mix", "reservoir_update"]
 
@@ -115,3 +115,50 @@ def _apportion(weights: Mapping[str, float], total: int) -> dict[str, int]:
     for name in order[: total - sum(counts.values())]:
         counts[name] += 1
     return counts
+
+
+def load_general(path: str, *, limit: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """General replay data a user supplies, as chat conversations (at most ``limit``).
+
+    ``path`` is a JSONL file whose lines hold ``messages`` (a chat ending with the assistant's
+    answer) or ``prompt`` and ``response``; or a folder saved with Hugging Face
+    ``datasets.Dataset.save_to_disk`` with the same columns. A seeded sample when larger.
+    """
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    rows: list[Mapping[str, Any]]
+    if p.is_dir():
+        import datasets  # only for this optional source
+
+        rows = list(datasets.load_from_disk(str(p)))
+    elif p.is_file():
+        rows = []
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
+    else:
+        raise ValueError(f"general replay data {path!r}: no such file or folder")
+    out: list[list[dict[str, str]]] = []
+    for n, row in enumerate(rows, 1):
+        if "messages" in row:
+            msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
+        elif "prompt" in row and "response" in row:
+            msgs = [
+                {"role": "user", "content": str(row["prompt"])},
+                {"role": "assistant", "content": str(row["response"])},
+            ]
+        else:
+            raise ValueError(f"{path}: row {n} has neither `messages` nor `prompt` + `response`")
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise ValueError(f"{path}: row {n} does not end with the assistant's answer")
+        out.append(msgs)
+    if len(out) > limit:
+        out = random.Random(seed).sample(out, limit)
+    return out

@@ -25,6 +25,13 @@ ADMIN_KEY = "test-admin-key"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, so a killed test run leaves no daemon."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,6 +81,7 @@ class RunningDaemon:
             [sys.executable, "-m", "daemon.cli", "serve", "--model", str(self.model),
              "--data-dir", str(self.data_dir), "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, env=daemon_env(), cwd=ROOT,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
         self.wait_ready(timeout)
 

@@ -1,0 +1,475 @@
+"""Turn the feedback collected since the promoted version into a candidate adapter version.
+
+One linear recipe, each stage a short function returning a dataclass:
+
+    snapshot → curate → replay → train (child process) → write the version folder → register
+
+The version folder ``adapters/<version>/`` holds what vLLM loads (``adapter_config.json``,
+``adapter_model.safetensors``), the ``manifest.json`` (settings, parent, data used, metrics,
+library versions, file hashes) and ``state/`` (the EWC state, the replay reservoir, the
+cycle's holdout and the loss log) that the next cycle and the evaluation read. It is written to
+a temporary folder and renamed into place; names are never reused and folders never edited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.config import CurationConfig, ReplaySettings, TrainingSettings
+from feedback.curate import CurationResult, CurationSettings, Example, curate
+from feedback.store import Feedback, Interaction, Store
+from learners import replay as replay_lib
+from learners.lora import LoraSettings
+from learners.run import ChildOutcome, run_job, write_job
+from learners.train import TrainJob, TrainSettings
+
+log = logging.getLogger(__name__)
+
+Chat = list[dict[str, str]]
+Generate = Callable[[Chat], Awaitable[str]]
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class CandidateError(Exception):
+    status = 409
+    type = "invalid_request_error"
+    code = "no_candidate"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    since: float
+    until: float
+    pairs: list[tuple[Feedback, Interaction]]
+
+
+@dataclass(frozen=True)
+class ReplayMix:
+    examples: list[Chat]
+    counts: dict[str, int]
+    general_pool: list[Chat]  # for the first cycle's Fisher
+    reservoir: list[Chat]  # what the next cycle may replay from this version
+    reservoir_seen: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    version: str
+    path: Path
+    parent: str | None
+    curation: dict[str, Any]
+    replay: dict[str, int]
+    train: dict[str, Any]
+    restarts: int
+    manifest: dict[str, Any] = field(repr=False)
+
+
+# -- stages -----------------------------------------------------------------------------------
+def snapshot(store: Store, since: float) -> Snapshot:
+    until = time.time()
+    pairs = [
+        (fb, i)
+        for fb, i in store.iter_feedback_with_interactions()
+        if since < fb.created_at <= until
+    ]
+    return Snapshot(since=since, until=until, pairs=pairs)
+
+
+def curate_snapshot(snap: Snapshot, cfg: CurationConfig) -> CurationResult:
+    return curate(
+        snap.pairs,
+        CurationSettings(
+            holdout_fraction=cfg.holdout_fraction,
+            max_example_chars=cfg.max_example_chars,
+            max_per_user=cfg.max_per_user,
+            max_user_share=cfg.max_user_share,
+            near_duplicate_threshold=cfg.near_duplicate_threshold,
+        ),
+    )
+
+
+def _shares(cfg: ReplaySettings, available: dict[str, bool], total: int) -> dict[str, int]:
+    weights = {
+        "general": cfg.general_share if available["general"] else 0.0,
+        "self": cfg.self_share if available["self"] else 0.0,
+        "past": cfg.past_share if available["past"] else 0.0,
+    }
+    norm = sum(weights.values())
+    if norm <= 0 or total <= 0:
+        return dict.fromkeys(weights, 0)
+    exact = {k: total * w / norm for k, w in weights.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[
+        : total - sum(counts.values())
+    ]:
+        counts[k] += 1
+    return counts
+
+
+def self_replay_prompts(
+    store: Store, prompts_path: str | None, limit: int, rng: random.Random
+) -> list[Chat]:
+    """General prompts: past chats that got no feedback, plus an optional prompt file."""
+    rows = store.db.execute(
+        "SELECT i.request FROM interactions i LEFT JOIN feedback f ON f.interaction_id = i.id "
+        "WHERE f.id IS NULL AND i.endpoint = 'chat' AND i.status = 'ok' ORDER BY i.created_at DESC LIMIT 5000"
+    ).fetchall()
+    prompts: list[Chat] = []
+    for (req,) in rows:
+        msgs = json.loads(req or "[]")
+        if (
+            msgs
+            and all(isinstance(m.get("content"), str) for m in msgs)
+            and msgs[-1].get("role") == "user"
+        ):
+            prompts.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+    if prompts_path:
+        with open(prompts_path, encoding="utf-8") as f:
+            prompts += [[{"role": "user", "content": line.strip()}] for line in f if line.strip()]
+    rng.shuffle(prompts)
+    return prompts[:limit]
+
+
+async def build_replay(
+    store: Store,
+    cfg: ReplaySettings,
+    n_new: int,
+    parent_state: Path | None,
+    new_examples: Sequence[Chat],
+    generate: Generate,
+    seed: int,
+) -> ReplayMix:
+    rng = random.Random(seed)
+    past, seen = _read_reservoir(parent_state)
+    general = (
+        replay_lib.load_general(cfg.general_path, limit=10_000, seed=seed)
+        if cfg.general_path
+        else []
+    )
+    prompts = self_replay_prompts(
+        store, cfg.prompts_path, limit=max(1, round(cfg.ratio * n_new)), rng=rng
+    )
+    total = round(cfg.ratio * n_new)
+    counts = _shares(
+        cfg, {"general": bool(general), "self": bool(prompts), "past": bool(past)}, total
+    )
+    # The base model's own *sampled* answers (temperature 1): training on a model's samples has
+    # zero expected gradient at that model, so they anchor its behaviour without sharpening it.
+    chosen = [prompts[i % len(prompts)] for i in range(counts["self"])] if prompts else []
+    sem = asyncio.Semaphore(8)
+
+    async def answer(p: Chat) -> Chat:
+        async with sem:
+            return [*p, {"role": "assistant", "content": await generate(p)}]
+
+    self_examples = [
+        c for c in await asyncio.gather(*(answer(p) for p in chosen)) if c[-1]["content"].strip()
+    ]
+    mixed = (
+        replay_lib.mix(
+            {"general": general, "self": self_examples, "past": past},
+            {
+                "general": float(counts["general"]),
+                "self": float(counts["self"]),
+                "past": float(counts["past"]),
+            },
+            sum(counts.values()) if (general or self_examples or past) else 0,
+            rng,
+        )
+        if sum(counts.values())
+        else []
+    )
+    got: dict[str, int] = {"general": 0, "self": 0, "past": 0}
+    for name, _ in mixed:
+        got[name] += 1
+    reservoir, seen = replay_lib.reservoir_update(
+        past, seen, list(new_examples), cfg.reservoir_size, rng
+    )
+    return ReplayMix(
+        examples=[ex for _, ex in mixed],
+        counts=got,
+        general_pool=(general[:64] + self_examples[:64]),
+        reservoir=reservoir,
+        reservoir_seen=seen,
+    )
+
+
+def train_settings(cfg: TrainingSettings) -> TrainSettings:
+    return TrainSettings(
+        lora=LoraSettings(
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            target_modules=tuple(cfg.target_modules),
+        ),
+        learning_rate=cfg.learning_rate,
+        schedule=cfg.schedule,
+        warmup_ratio=cfg.warmup_ratio,
+        steps=cfg.steps,
+        min_epochs=cfg.min_epochs,
+        min_steps=cfg.min_steps,
+        max_steps=cfg.max_steps,
+        max_len=cfg.max_len,
+        batch_tokens=cfg.batch_tokens,
+        seed=cfg.seed,
+        ewc_lambda=cfg.ewc_lambda,
+        ewc_decay=cfg.ewc_decay,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+
+
+# -- versions on disk ---------------------------------------------------------------------------
+def next_version(store: Store, adapters: Path) -> str:
+    """The next never-used name: v0001, v0002, ... past every name in the store or on disk."""
+    used = [0]
+    names = list(store.version_names()) + [
+        r[0] for r in store.db.execute("SELECT version FROM cycles WHERE version IS NOT NULL")
+    ]
+    if adapters.exists():
+        names += [
+            p.name.split(".")[1] if p.name.startswith(".tmp") else p.name
+            for p in adapters.iterdir()
+        ]
+    for name in names:
+        m = VERSION_RE.match(name or "")
+        if m:
+            used.append(int(m.group(1)))
+    return f"v{max(used) + 1:04d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_jsonl(path: Path, rows: Sequence[Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _read_reservoir(state: Path | None) -> tuple[list[Chat], int]:
+    if state is None or not (state / "reservoir.jsonl").exists():
+        return [], 0
+    meta = json.loads((state / "reservoir.json").read_text())
+    with open(state / "reservoir.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()], int(meta["seen"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("adaptd", "torch", "transformers", "peft"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def write_version(
+    adapters: Path,
+    version: str,
+    adapter_dir: Path,
+    work: Path,
+    manifest: dict[str, Any],
+    state_files: dict[str, Callable[[Path], object]],
+) -> Path:
+    """Assemble the version in a temporary folder, fsync it, and rename it into place."""
+    target = adapters / version
+    if target.exists():
+        raise CandidateError(f"version {version} already exists; versions are never reused")
+    tmp = adapters / f".tmp.{version}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "state").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(adapter_dir / name, tmp / name)
+    if (adapter_dir / "ewc.safetensors").exists():
+        shutil.copy2(adapter_dir / "ewc.safetensors", tmp / "state" / "ewc.safetensors")
+    if (work / "progress.jsonl").exists():
+        shutil.copy2(work / "progress.jsonl", tmp / "state" / "train_log.jsonl")
+    for name, write in state_files.items():
+        write(tmp / "state" / name)
+    manifest["files"] = {
+        str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    _fsync_tree(tmp)
+    os.rename(tmp, target)
+    fd = os.open(adapters, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return target
+
+
+def _example_dict(e: Example) -> dict[str, Any]:
+    return {
+        "messages": e.messages,
+        "interaction_id": e.interaction_id,
+        "feedback_id": e.feedback_id,
+        "kind": e.kind,
+    }
+
+
+# -- the recipe -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CandidateInputs:
+    store: Store  # read-only use
+    data_dir: Path
+    base_model: str
+    promoted: str | None
+    generate: Generate
+    training: TrainingSettings
+    replay: ReplaySettings
+    curation: CurationConfig
+    register: Callable[[dict[str, Any]], Awaitable[None]]  # stores the adapter_versions row
+    version: str | None = None
+    min_examples: int = 1
+    nan_at_step: int | None = None
+
+
+async def build_candidate(inp: CandidateInputs) -> Candidate:
+    """Snapshot → curate → replay → train → write → register; see the module docstring."""
+    adapters = inp.data_dir / "adapters"
+    adapters.mkdir(parents=True, exist_ok=True)
+    parent_dir = adapters / inp.promoted if inp.promoted else None
+    parent_manifest = (
+        json.loads((parent_dir / "manifest.json").read_text())
+        if parent_dir and (parent_dir / "manifest.json").exists()
+        else {}
+    )
+    since = float(parent_manifest.get("data", {}).get("feedback_until", 0.0))
+
+    snap = snapshot(inp.store, since)
+    cur = curate_snapshot(snap, inp.curation)
+    if len(cur.train) < inp.min_examples:
+        raise CandidateError(
+            f"{len(cur.train)} training examples from {len(snap.pairs)} feedback items since the "
+            f"promoted version (need {inp.min_examples}); dropped: {cur.report.dropped or 'none'}"
+        )
+    new = [e.messages for e in cur.train]
+    parent_state = parent_dir / "state" if parent_dir else None
+    mix = await build_replay(
+        inp.store, inp.replay, len(new), parent_state, new, inp.generate, inp.training.seed
+    )
+
+    version = inp.version or next_version(inp.store, adapters)
+    work = inp.data_dir / "work" / version
+    shutil.rmtree(work, ignore_errors=True)
+    warm = (
+        parent_dir
+        if (
+            inp.training.warm_start and parent_dir and (parent_dir / "adapter_config.json").exists()
+        )
+        else None
+    )
+    ewc_state = (
+        parent_state / "ewc.safetensors"
+        if parent_state and (parent_state / "ewc.safetensors").exists()
+        else None
+    )
+    job = TrainJob(
+        base_model=inp.base_model,
+        work_dir=work,
+        examples=new + mix.examples,
+        settings=train_settings(inp.training),
+        warm_start=warm,
+        ewc_state=ewc_state,
+        fisher_examples=mix.general_pool,
+        nan_at_step=inp.nan_at_step,
+    )
+    write_job(job)
+    log.info(
+        "training %s: %d new examples + %d replayed %s, warm start from %s",
+        version, len(new), len(mix.examples), mix.counts, inp.promoted or "a fresh adapter",
+    )  # fmt: skip
+    outcome: ChildOutcome = await asyncio.to_thread(
+        run_job, work, max_restarts=inp.training.max_restarts
+    )
+    result = outcome.result
+
+    manifest: dict[str, Any] = {
+        "version": version,
+        "created_at": time.time(),
+        "parent": inp.promoted,
+        "base_model": inp.base_model,
+        "settings": {
+            "training": inp.training.model_dump(),
+            "replay": inp.replay.model_dump(),
+            "curation": inp.curation.model_dump(),
+        },
+        "data": {
+            "feedback_since": snap.since,
+            "feedback_until": snap.until,
+            "feedback_ids": sorted(fb.id for fb, _ in snap.pairs),
+            "curation": cur.report.to_dict(),
+            "replay": mix.counts,
+            "train_examples": len(new),
+            "holdout_examples": len(cur.holdout),
+        },
+        "metrics": {"training": result, "training_restarts": outcome.restarts},
+        "decision": "candidate",
+        "libraries": library_versions(),
+    }
+    state_files: dict[str, Callable[[Path], object]] = {
+        "reservoir.jsonl": lambda p: _write_jsonl(p, mix.reservoir),
+        "reservoir.json": lambda p: p.write_text(json.dumps({"seen": mix.reservoir_seen})),
+        "holdout.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.holdout]),
+        "train.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.train]),
+        "eval_only.jsonl": lambda p: _write_jsonl(p, [asdict(e) for e in cur.eval_only]),
+    }
+    path = write_version(
+        adapters, version, Path(result["adapter_dir"]), work, manifest, state_files
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    await inp.register(
+        {
+            "name": version,
+            "created_at": manifest["created_at"],
+            "parent": inp.promoted,
+            "path": str(path.relative_to(inp.data_dir)),
+            "sha256": manifest["files"]["adapter_model.safetensors"],
+            "manifest": json.dumps(manifest),
+        }
+    )
+    return Candidate(
+        version=version,
+        path=path,
+        parent=inp.promoted,
+        curation=cur.report.to_dict(),
+        replay=mix.counts,
+        train=result,
+        restarts=outcome.restarts,
+        manifest=manifest,
+    )
