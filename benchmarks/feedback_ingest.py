@@ -138,7 +138,12 @@ def main() -> None:
             with sqlite3.connect(db) as conn:
                 stored = conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] - before
             acked = r["requests"] - r["non_2xx"]
-            r.update(stored=stored, acknowledged=acked, every_201_stored=stored >= acked, load_before=load0)
+            r.update(
+                stored=stored,
+                acknowledged=acked,
+                every_201_stored=stored >= acked,
+                load_before=load0,
+            )
             results[name] = r
         stats = httpx.get(url + "/admin/status", timeout=10).json()
     finally:
@@ -146,7 +151,11 @@ def main() -> None:
         proc.wait(30)
     out = {
         "benchmark": "feedback_ingest",
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "sqlite": {"version": sqlite3.sqlite_version, "journal_mode": mode, "synchronous": "FULL"},
         "seconds": args.seconds,
         "connections": args.connections,
@@ -158,7 +167,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nfeedback ingest, {args.seconds} s, {args.connections} connections, {os.cpu_count()} cores, "
           f"SQLite {sqlite3.sqlite_version} WAL synchronous=FULL\n")  # fmt: skip
-    print(f"{'mode':<24}{'POST/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'acked':>9}{'stored':>9}  durable  target")
+    print(
+        f"{'mode':<24}{'POST/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'acked':>9}{'stored':>9}  durable  target"
+    )
     for name, r in results.items():
         assert isinstance(r, dict)
         print(f"{name:<24}{r['per_s']:>9.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['acknowledged']:>9}"

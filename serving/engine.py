@@ -207,6 +207,36 @@ class VllmEngine:
             await self._post("/v1/unload_lora_adapter", {"lora_name": name})
             del self._adapters[name]
 
+    async def complete_chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        model: str = BASE_NAME,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
+        """One chat answer straight from vLLM (internal work: self-replay, evaluation)."""
+        assert self._session is not None
+        body: dict[str, object] = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        try:
+            async with self._session.post(
+                self.base_url + "/v1/chat/completions", json=body, headers=self.headers
+            ) as resp:
+                data = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise EngineError(f"vLLM answered {resp.status}: {str(data)[:300]}")
+        except aiohttp.ClientError as e:
+            raise EngineError(f"vLLM is unreachable: {e}") from e
+        return str(data["choices"][0]["message"]["content"] or "")
+
     # -- internals ------------------------------------------------------------
     async def _post(self, path: str, body: dict[str, str]) -> None:
         assert self._session is not None
