@@ -12,10 +12,13 @@ from pydantic import BaseModel
 
 from daemon.config import (
     ConfigError,
+    CurationConfig,
     LimitSettings,
+    ReplaySettings,
     ServingSettings,
     Settings,
     StoreSettings,
+    TrainingSettings,
     example_toml,
     load_settings,
 )
@@ -24,6 +27,9 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "serving": ServingSettings,
     "limits": LimitSettings,
     "store": StoreSettings,
+    "training": TrainingSettings,
+    "replay": ReplaySettings,
+    "curation": CurationConfig,
 }
 
 
@@ -208,7 +214,7 @@ def test_example_toml_is_valid_toml_and_loads_to_the_defaults(
 ) -> None:
     defaults = load_settings()
     text = example_toml()
-    assert tomllib.loads(text) == {"serving": {}, "limits": {}, "store": {}}
+    assert tomllib.loads(text) == {s: {} for s in SECTIONS}
     write_toml(tmp_path, monkeypatch, text)
     assert load_settings() == defaults
 
