@@ -75,7 +75,7 @@ class RunningDaemon:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 300.0) -> None:
+    def start(self, timeout: float = 600.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the process owns it)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "serve", "--model", str(self.model),
@@ -85,7 +85,7 @@ class RunningDaemon:
         )  # fmt: skip
         self.wait_ready(timeout)
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
+    def wait_ready(self, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None

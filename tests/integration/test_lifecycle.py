@@ -73,7 +73,7 @@ def test_a_killed_vllm_child_is_noticed_and_replaced(daemon: RunningDaemon) -> N
         daemon.url + "/v1/chat/completions", json=CHAT, headers=inference_headers(), timeout=30
     )
     assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-    wait_for(lambda: ready(daemon), 400, "vLLM to come back")
+    wait_for(lambda: ready(daemon), 600, "vLLM to come back")
     st = httpx.get(daemon.url + "/admin/status", headers=admin_headers()).json()
     assert st["engine"]["restarts"] == 1 and st["engine"]["pid"] not in (None, pid)
     r = httpx.post(
@@ -105,7 +105,7 @@ def test_sigkill_leaves_no_orphan_and_data_survives_a_restart(daemon: RunningDae
     assert len(tree) >= 3  # reaper, vLLM's api_server and its engine processes
     daemon.proc.kill()
     daemon.proc.wait(10)
-    wait_for(lambda: not any(alive(p) for p in tree), 30, "vLLM's processes to go")
+    wait_for(lambda: not any(alive(p) for p in tree), 60, "vLLM's processes to go")
 
     daemon.start()
     with sqlite3.connect(db) as conn:
@@ -130,6 +130,6 @@ def test_sigterm_stops_cleanly_and_takes_vllm_along(daemon: RunningDaemon) -> No
     assert daemon.proc is not None
     tree = descendants(daemon.proc.pid)
     assert daemon.stop(signal.SIGTERM, timeout=90) == 0
-    wait_for(lambda: not any(alive(p) for p in tree), 30, "vLLM's processes to go")
+    wait_for(lambda: not any(alive(p) for p in tree), 60, "vLLM's processes to go")
     assert "Traceback" not in daemon.tail(200)
     daemon.start()  # leave the shared daemon running for any later test
