@@ -227,6 +227,7 @@ def train_settings(cfg: TrainingSettings) -> TrainSettings:
         ewc_lambda=cfg.ewc_lambda,
         ewc_decay=cfg.ewc_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        gpu_memory_fraction=cfg.gpu_memory_fraction,
     )
 
 

@@ -121,6 +121,9 @@ class TrainingSettings(_Section):
         0.9, ge=0, le=1, description="Online EWC: weight of earlier cycles' Fisher."
     )
     max_restarts: int = Field(2, ge=0, description="Resumes after a crash of the training child.")
+    gpu_memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="Cap on training's share of GPU memory (vLLM holds the rest)."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Trade GPU time for memory (a card shared tightly with vLLM)."
     )

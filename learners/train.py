@@ -79,6 +79,9 @@ class TrainSettings:
     # kernel on first use, so rows are padded to max_len to keep one shape. None: flex on a
     # CUDA GPU, SDPA on the CPU.
     attention: str | None = None
+    # Cap on this process's share of the GPU's memory (the card is shared with vLLM); an
+    # allocation past it raises out-of-memory in the training child, never in serving.
+    gpu_memory_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,8 @@ def train(
     amp = torch.bfloat16 if use_bf16 else None
     ckpt = s.gradient_checkpointing
     attention = s.attention or ("flex_attention" if on_gpu else "sdpa")
+    if on_gpu and s.gpu_memory_fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(s.gpu_memory_fraction, device)
     work = Path(job.work_dir)
     work.mkdir(parents=True, exist_ok=True)
 
