@@ -255,28 +255,15 @@ def normalize_fisher(fisher: Mapping[str, Tensor], *, eps: float = 1e-30) -> dic
 # --------------------------------------------------------------------------- penalty
 
 
-def ewc_penalty(
+def _aligned(
     params: Mapping[str, Tensor],
     anchor: Mapping[str, Tensor],
     fisher: Mapping[str, Tensor],
     lam: float,
-) -> Tensor:
-    """``lam / 2 * sum_i F_i * (theta_i - theta*_i) ** 2`` over the names in ``fisher``.
-
-    ``params`` are the live parameters (``theta``, differentiable), ``anchor`` the values they
-    are pulled toward (``theta*``), ``fisher`` the weights ``F`` (non-negative, as every Fisher
-    from this module is). Names in ``params`` but not in ``fisher`` add nothing. The gradient
-    with respect to ``params[name]`` is ``lam * F * (theta - theta*)``.
-
-    Computed in float32 whatever the parameters' dtype, with fused multi-tensor (``_foreach``)
-    kernels: a handful of kernel launches for any number of tensors, forward and backward, since
-    it runs at every training step over hundreds of LoRA tensors. Keep ``anchor`` and ``fisher``
-    float32 on the parameters' device (one device for all) to avoid a copy per step.
-
-    Returns a 0-dim float32 tensor on the parameters' device; ``0.0`` (not attached to the
-    graph) when ``lam == 0`` or ``fisher`` is empty. Raises ``ValueError`` for a negative or
-    non-finite ``lam``, a name missing from ``params`` or ``anchor``, or a shape mismatch.
-    """
+) -> Tensor | tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Check the inputs of the penalty; a zero tensor when there is nothing to penalise, else
+    the parameters, anchors and weights in one order (anchors and weights float32 on the
+    parameters' device)."""
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     if lam == 0 or not fisher:
@@ -300,6 +287,35 @@ def ewc_penalty(
         thetas.append(theta)
         anchors.append(_float32_on(a, theta.device))
         weights.append(_float32_on(f, theta.device))
+    return thetas, anchors, weights
+
+
+def ewc_penalty(
+    params: Mapping[str, Tensor],
+    anchor: Mapping[str, Tensor],
+    fisher: Mapping[str, Tensor],
+    lam: float,
+) -> Tensor:
+    """``lam / 2 * sum_i F_i * (theta_i - theta*_i) ** 2`` over the names in ``fisher``.
+
+    ``params`` are the live parameters (``theta``, differentiable), ``anchor`` the values they
+    are pulled toward (``theta*``), ``fisher`` the weights ``F`` (non-negative, as every Fisher
+    from this module is). Names in ``params`` but not in ``fisher`` add nothing. The gradient
+    with respect to ``params[name]`` is ``lam * F * (theta - theta*)``.
+
+    Computed in float32 whatever the parameters' dtype, with fused multi-tensor (``_foreach``)
+    kernels: a handful of kernel launches for any number of tensors, forward and backward, since
+    it runs at every training step over hundreds of LoRA tensors. Keep ``anchor`` and ``fisher``
+    float32 on the parameters' device (one device for all) to avoid a copy per step.
+
+    Returns a 0-dim float32 tensor on the parameters' device; ``0.0`` (not attached to the
+    graph) when ``lam == 0`` or ``fisher`` is empty. Raises ``ValueError`` for a negative or
+    non-finite ``lam``, a name missing from ``params`` or ``anchor``, or a shape mismatch.
+    """
+    aligned = _aligned(params, anchor, fisher, lam)
+    if isinstance(aligned, Tensor):
+        return aligned
+    thetas, anchors, weights = aligned
     # Anchors and weights travel inside lists, which autograd does not look into: they get no
     # gradient, and the Function has one tensor input per parameter instead of three.
     penalty: Tensor = _QuadraticPenalty.apply(float(lam), anchors, weights, *thetas)
@@ -321,27 +337,18 @@ def add_penalty_grad_(
     gradient as it would with the penalty in the loss. Parameters are float32 (LoRA weights are
     kept in float32 by the learner); a parameter without ``.grad`` gets one.
     """
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if lam == 0 or not fisher:
-        device = next(iter(params.values())).device if params else torch.device("cpu")
-        return torch.zeros((), dtype=torch.float32, device=device)
-    thetas, anchors, weights, grads = [], [], [], []
-    for name, f in fisher.items():
-        theta = params.get(name)
-        a = anchor.get(name)
-        if theta is None or a is None:
-            raise ValueError(f"parameter {name!r} has a Fisher entry but no parameter or anchor")
-        if not (theta.shape == a.shape == f.shape):
-            raise ValueError(f"shape mismatch for parameter {name!r}")
+    aligned = _aligned(params, anchor, fisher, lam)
+    if isinstance(aligned, Tensor):
+        return aligned
+    live, anchors, weights = aligned
+    grads = []
+    for theta in live:
         if theta.dtype != torch.float32:
-            raise ValueError(f"parameter {name!r} is {theta.dtype}; keep LoRA weights in float32")
+            raise ValueError(f"a parameter is {theta.dtype}; keep LoRA weights in float32")
         if theta.grad is None:
             theta.grad = torch.zeros_like(theta)
-        thetas.append(theta.detach())
-        anchors.append(_float32_on(a, theta.device))
-        weights.append(_float32_on(f, theta.device))
         grads.append(theta.grad)
+    thetas = [t.detach() for t in live]
     with torch.no_grad():
         diffs = torch._foreach_sub(thetas, anchors)
         weighted = torch._foreach_mul(diffs, weights)  # F * (theta - a)
