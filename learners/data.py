@@ -147,3 +147,15 @@ def shift_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
         reduction="sum",
     )
     return loss / max(n, 1), n
+
+
+def load_tokenizer(model: str) -> Any:
+    """The base model's tokenizer (a local folder or a hub id)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+def answer_positions(tok: Tokenized) -> list[int]:
+    """Indexes of the answer's tokens (the labelled ones)."""
+    return [i for i, x in enumerate(tok.labels) if x != IGNORE]

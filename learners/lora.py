@@ -85,3 +85,55 @@ def save_adapter(model: Any, out_dir: Path) -> list[str]:
 def target_modules_of(model: Any) -> Sequence[str]:
     cfg = model.peft_config["default"]
     return sorted(cfg.target_modules)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_finite(adapter_dir: Path) -> tuple[bool, str]:
+    """Whether every value of a saved adapter is finite, and which tensor is not.
+
+    Reads the safetensors file only (never a pickle); nothing is loaded into a model.
+    """
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return False, f"{path.name} is missing"
+    bad = []
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            t = f.get_tensor(name)
+            if not bool(torch.isfinite(t).all()):
+                bad.append(name)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return False, f"non-finite values in {', '.join(bad[:3])}{more}"
+    return True, "all finite"
+
+
+def load_for_scoring(
+    base: str, adapters: dict[str, str], *, dtype: torch.dtype, device: torch.device
+) -> Any:
+    """The base model with every named adapter attached (inference only)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    model.to(device)  # type: ignore[arg-type]
+    model.eval()
+    if not adapters:
+        return model
+    names = list(adapters)
+    peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapters[name], adapter_name=name)
+    peft_model.eval()
+    return peft_model
+
+
+def use_adapter(model: Any, name: str | None) -> Any:
+    """A context in which ``model`` computes with adapter ``name`` (None: the base model)."""
+    import contextlib
+
+    if name is None:
+        return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+    model.set_adapter(name)
+    return contextlib.nullcontext()

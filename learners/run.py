@@ -29,6 +29,46 @@ log = logging.getLogger(__name__)
 
 EXIT_NON_FINITE = 3
 EXIT_BAD_JOB = 4
+EXIT_STOPPED = 5
+
+_children: set[subprocess.Popen[bytes]] = set()
+_stopping = False
+
+
+def _die_with_parent() -> None:  # in the child, before exec
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphan after SIGKILL
+
+
+def spawn(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a learner child that gets SIGTERM when this process dies, however it dies."""
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+    _children.add(proc)
+    return proc
+
+
+def stop_children() -> int:
+    """Ask every learner child to stop at a safe point (SIGTERM: training checkpoints at the
+    next step boundary and exits); no restarts afterwards. Returns how many were asked."""
+    global _stopping
+    _stopping = True
+    n = 0
+    for proc in list(_children):
+        if proc.poll() is None:
+            proc.terminate()
+            n += 1
+    return n
 
 
 class TrainingFailed(RuntimeError):
@@ -102,21 +142,22 @@ def run_job(
     result_path = work / "result.json"
     result_path.unlink(missing_ok=True)
     while True:
-        with open(work / "child.log", "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "learners.run", str(work)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-            )
-            if on_start:
-                on_start(proc)
+        if _stopping:
+            raise TrainingFailed("the daemon is stopping", "stopped")
+        proc = spawn(["learners.run", str(work)], work / "child.log", env)
+        if on_start:
+            on_start(proc)
+        try:
             code = proc.wait()
+        finally:
+            _children.discard(proc)
         if result_path.exists():
             outcome = json.loads(result_path.read_text())
             if outcome["ok"]:
                 return ChildOutcome(outcome["result"], restarts)
             raise TrainingFailed(outcome["reason"], outcome.get("kind", "error"))
+        if code == EXIT_STOPPED or _stopping:
+            raise TrainingFailed("training was stopped at a step boundary", "stopped")
         if code in (EXIT_NON_FINITE, EXIT_BAD_JOB):
             raise TrainingFailed(f"training child exited with status {code}", "error")
         if restarts >= max_restarts:
@@ -140,10 +181,16 @@ def _main(argv: list[str]) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         out.write_text(json.dumps({"ok": False, "reason": f"bad job: {e}", "kind": "bad_job"}))
         return EXIT_BAD_JOB
-    from learners.train import train
+    import signal
 
+    from learners.train import Stopped, request_stop, train
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: request_stop())
     try:
         result = train(job)
+    except Stopped as e:
+        out.write_text(json.dumps({"ok": False, "reason": str(e), "kind": "stopped"}))
+        return EXIT_STOPPED
     except NonFiniteLoss as e:
         out.write_text(json.dumps({"ok": False, "reason": str(e), "kind": "non_finite"}))
         return EXIT_NON_FINITE

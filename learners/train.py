@@ -51,6 +51,19 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss; nothing is written."""
 
 
+class Stopped(RuntimeError):
+    """Training was asked to stop; a checkpoint of the last finished step was written."""
+
+
+_stop = False
+
+
+def request_stop() -> None:
+    """Stop at the next step boundary (signal-safe: only sets a flag)."""
+    global _stop
+    _stop = True
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -362,6 +375,9 @@ def train(
             bar.set_postfix(loss=f"{task_value:.3f}")
             if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < total:
                 _save_checkpoint(ckpt_dir, model, opt, sched, step + 1)
+            if _stop and step + 1 < total:
+                _save_checkpoint(ckpt_dir, model, opt, sched, step + 1)
+                raise Stopped(f"stopped after step {step + 1} of {total}; checkpoint written")
     bar.close()
     loop_s = time.perf_counter() - t_loop
 
