@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -42,6 +43,13 @@ class EngineError(Exception):
 class AdapterLoadError(EngineError):
     status = 500
     code = "adapter_load_failed"
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    tokens: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -217,7 +225,21 @@ class VllmEngine:
         seed: int | None = None,
     ) -> str:
         """One chat answer straight from vLLM (internal work: self-replay, evaluation)."""
-        assert self._session is not None
+        answer = await self.generate(
+            messages, model=model, max_tokens=max_tokens, temperature=temperature, seed=seed
+        )
+        return answer.text
+
+    async def generate(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        model: str = BASE_NAME,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> Generation:
+        """One chat answer with its token count and wall time (greedy by default)."""
         body: dict[str, object] = {
             "model": model,
             "messages": messages,
@@ -226,18 +248,31 @@ class VllmEngine:
         }
         if seed is not None:
             body["seed"] = seed
+        t0 = time.perf_counter()
+        data = await self._call("/v1/chat/completions", body)
+        seconds = time.perf_counter() - t0
+        usage = data.get("usage") or {}
+        return Generation(
+            text=str(data["choices"][0]["message"]["content"] or ""),
+            tokens=int(usage.get("completion_tokens") or 0),
+            seconds=seconds,
+        )
+
+    # -- internals ------------------------------------------------------------
+    async def _call(self, path: str, body: dict[str, object]) -> dict[str, Any]:
+        if self._session is None:
+            raise EngineError("the model server has not been started")
         try:
             async with self._session.post(
-                self.base_url + "/v1/chat/completions", json=body, headers=self.headers
+                self.base_url + path, json=body, headers=self.headers
             ) as resp:
                 data = await resp.json(content_type=None)
                 if resp.status != 200:
                     raise EngineError(f"vLLM answered {resp.status}: {str(data)[:300]}")
         except aiohttp.ClientError as e:
             raise EngineError(f"vLLM is unreachable: {e}") from e
-        return str(data["choices"][0]["message"]["content"] or "")
+        return dict(data)
 
-    # -- internals ------------------------------------------------------------
     async def _post(self, path: str, body: dict[str, str]) -> None:
         assert self._session is not None
         try:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -220,6 +221,7 @@ class Gateway:
         self.limits = limits
         self.base_name = base_name
         self.list_models = list_models
+        self.inflight: Counter[str] = Counter()  # requests in flight per upstream name
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -286,25 +288,37 @@ class Gateway:
             created_at=time.time(),
         )
         body["model"] = target.upstream
-        path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-        if ex.stream:
-            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        # Counted from here until the answer is sent, so a version is unloaded only after
+        # the requests that started on it have finished (see `drained`).
+        self.inflight[target.upstream] += 1
+        streaming = False
+        try:
+            path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+            if ex.stream:
+                wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                body["stream_options"] = {
+                    **(body.get("stream_options") or {}),
+                    "include_usage": True,
+                }
+                resp = await self._send(path, body, ex, headers)
+                if resp.status != 200:
+                    return await self._error_passthrough(resp, ex, headers, t0)
+                streaming = True
+                return StreamingResponse(
+                    self._relay(resp, ex, t0, wants_usage, target.upstream),
+                    media_type="text/event-stream",
+                    headers={**headers, "cache-control": "no-cache"},
+                )
             resp = await self._send(path, body, ex, headers)
             if resp.status != 200:
                 return await self._error_passthrough(resp, ex, headers, t0)
-            return StreamingResponse(
-                self._relay(resp, ex, t0, wants_usage),
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache"},
-            )
-        resp = await self._send(path, body, ex, headers)
-        if resp.status != 200:
-            return await self._error_passthrough(resp, ex, headers, t0)
-        try:
-            data = orjson.loads(await resp.read())
+            try:
+                data = orjson.loads(await resp.read())
+            finally:
+                resp.release()
         finally:
-            resp.release()
+            if not streaming:
+                self._done(target.upstream)
         data["id"] = iid
         data["model"] = model
         choices = data.get("choices") or []
@@ -318,6 +332,20 @@ class Gateway:
         ex.latency_ms = (time.perf_counter() - t0) * 1000
         self.sink(ex)
         return Response(orjson.dumps(data), media_type="application/json", headers=headers)
+
+    def _done(self, upstream: str) -> None:
+        self.inflight[upstream] -= 1
+        if self.inflight[upstream] <= 0:
+            del self.inflight[upstream]
+
+    async def drained(self, upstream: str, *, timeout: float, poll: float = 0.05) -> bool:
+        """Wait until no request is in flight on ``upstream``; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.inflight.get(upstream, 0) > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(poll)
+        return True
 
     async def _send(
         self, path: str, body: dict[str, Any], ex: Exchange, headers: dict[str, str]
@@ -370,7 +398,12 @@ class Gateway:
         )
 
     async def _relay(
-        self, resp: aiohttp.ClientResponse, ex: Exchange, t0: float, wants_usage: bool
+        self,
+        resp: aiohttp.ClientResponse,
+        ex: Exchange,
+        t0: float,
+        wants_usage: bool,
+        upstream: str,
     ) -> AsyncIterator[bytes]:
         texts: dict[int, list[str]] = {}
         finish: dict[int, str | None] = {}
@@ -417,4 +450,5 @@ class Gateway:
             ex.extra_outputs = ["".join(texts[i]) for i in sorted(texts) if i != 0]
             ex.finish_reason = finish.get(0)
             ex.latency_ms = (time.perf_counter() - t0) * 1000
+            self._done(upstream)
             self.sink(ex)
