@@ -234,6 +234,33 @@ class Promotion:
 
 
 @dataclass(frozen=True)
+class Cycle:
+    """One adaptation cycle: its state, its candidate and the decision with its reasons."""
+
+    id: str
+    created_at: float
+    state: str  # queued curating training evaluating deciding promoting | done rejected ...
+    updated_at: float = 0.0
+    version: str | None = None
+    decision: str | None = None  # promoted | rejected | awaiting_approval | failed
+    reasons: list[str] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Cycle:
+        return cls(
+            **{
+                **row,
+                "reasons": json.loads(row["reasons"] or "[]"),
+                "detail": json.loads(row["detail"] or "{}"),
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class HealthReport:
     sqlite_version: str
     quick_check: str
@@ -357,8 +384,8 @@ class Store:
     def record_promotion(
         self, action: str, version: str | None, *, actor: str | None = None, reason: str = ""
     ) -> Promotion:
-        previous = self.promoted_version()
         with self.db.atomic():
+            previous = self.promoted_version()
             self.db["promotions"].insert(  # type: ignore[union-attr]
                 {
                     "at": time.time(),
@@ -371,7 +398,46 @@ class Store:
             )
         return self.promotions()[-1]
 
+    def register_version(self, row: dict[str, Any]) -> None:
+        """Record a version folder that was written (its name is never reused)."""
+        with self.db.atomic():
+            self.db["adapter_versions"].insert(row)  # type: ignore[union-attr]
+
+    def put_cycle(self, cycle: Cycle) -> Cycle:
+        """Insert or replace a cycle's row; returns it with ``updated_at`` set."""
+        cycle = Cycle(**{**asdict(cycle), "updated_at": time.time()})
+        row = asdict(cycle)
+        row["reasons"] = json.dumps(cycle.reasons)
+        row["detail"] = json.dumps(cycle.detail)
+        with self.db.atomic():
+            self.db["cycles"].upsert(row, pk="id")  # type: ignore[union-attr]
+        return cycle
+
     # -- reads -------------------------------------------------------------
+    def get_cycle(self, cycle_id: str) -> Cycle | None:
+        rows = list(self.db["cycles"].rows_where("id = ?", [cycle_id]))
+        return Cycle.from_row(rows[0]) if rows else None
+
+    def cycles(self, *, limit: int = 100) -> list[Cycle]:
+        return [
+            Cycle.from_row(r)
+            for r in self.db["cycles"].rows_where(order_by="created_at DESC", limit=limit)
+        ]
+
+    def feedback_count_since(self, since: float) -> int:
+        row = self.db.execute("SELECT COUNT(*) FROM feedback WHERE created_at > ?", [since])
+        return int(row.fetchone()[0])
+
+    def cycle_of_version(self, version: str) -> Cycle | None:
+        rows = list(
+            self.db["cycles"].rows_where("version = ?", [version], order_by="created_at DESC")
+        )
+        return Cycle.from_row(rows[0]) if rows else None
+
+    def get_version(self, name: str) -> dict[str, Any] | None:
+        rows = list(self.db["adapter_versions"].rows_where("name = ?", [name]))
+        return rows[0] if rows else None
+
     def has_interaction(self, interaction_id: str) -> bool:
         row = self.db.execute(
             "SELECT 1 FROM interactions WHERE id = ?", [interaction_id]
