@@ -135,7 +135,8 @@ class VllmEngine:
         self.managed = settings is not None
         self.port = _free_port() if url is None else 0
         self.base_url = url.rstrip("/") if url else f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key if url else secrets.token_urlsafe(24)
+        # hex: a key starting with "-" would read as a flag on vLLM's command line
+        self.api_key = api_key if url else secrets.token_hex(24)
         self.ready = False
         self.restarts = 0
         self.started_at: float | None = None
