@@ -172,7 +172,9 @@ class Writer:
                 # Interactions first: feedback in the same batch may name them.
                 self._store.insert_interactions(inters)
                 for job in batch:
-                    if isinstance(job, _Call):
+                    # A job whose caller gave up (its future was cancelled) is skipped;
+                    # once running, a future can no longer be cancelled under us.
+                    if isinstance(job, _Call) and job.future.set_running_or_notify_cancel():
                         results.append(self._run_job(conn, job))
                 conn.execute("COMMIT")
             except BaseException:
@@ -185,7 +187,9 @@ class Writer:
             with self._lock:
                 self._stats.failed += len(inters)
             for job in batch:
-                if isinstance(job, _Call):
+                if not isinstance(job, _Call) or job.future.done():
+                    continue
+                if job.future.running() or job.future.set_running_or_notify_cancel():
                     job.future.set_exception(err)
             return
         with self._lock:

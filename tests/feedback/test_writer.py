@@ -285,3 +285,23 @@ def test_feedback_right_after_logging_always_finds_the_interaction(
     for f in futures:
         f.result(TIMEOUT)  # raises UnknownInteraction if the order was not kept
     assert len(ids(reader, "feedback")) == 300
+
+
+def test_a_cancelled_caller_does_not_kill_the_writer(writer: Writer, reader: Store) -> None:
+    # A caller awaiting `Writer.call` that is cancelled (a client hanging up, a stop) cancels
+    # its future; the writer once died setting a result on it, and every later write hung.
+    import threading
+
+    gate = threading.Event()
+    blocker = writer.submit(lambda s: gate.wait(TIMEOUT))
+    doomed = writer.submit(lambda s: seed_interaction_row(s, "chatcmpl-doomed"))
+    assert doomed.cancel()
+    gate.set()
+    blocker.result(TIMEOUT)
+    iid = seed_interaction(writer, "chatcmpl-after")
+    assert iid in ids(reader, "interactions")
+    assert "chatcmpl-doomed" not in ids(reader, "interactions")  # its caller gave up first
+
+
+def seed_interaction_row(store: Store, iid: str) -> None:
+    store.insert_interactions([make_interaction(iid)])
