@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+COOKIE = "adaptd_admin_key"  # set by the report pages' key form, sent to /reports only
+
 
 class AuthError(Exception):
     status = 401
@@ -50,11 +52,13 @@ class Authenticator:
         self._admin = [k.encode() for k in admin_keys]
         self.enabled = bool(api_keys or admin_keys)
 
-    def identify(self, request: Request) -> Caller:
+    def identify(self, request: Request, *, cookie: bool = False) -> Caller:
         if not self.enabled:
             return Caller("anonymous", True)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
+        if cookie and not header and request.cookies.get(COOKIE):
+            scheme, token = "bearer", request.cookies[COOKIE]
         if scheme.lower() != "bearer" or not token:
             raise AuthError("missing API key: send `Authorization: Bearer KEY`")
         given = token.strip().encode()
@@ -73,4 +77,11 @@ class Authenticator:
         caller = self.identify(request)
         if not caller.is_admin:
             raise PermissionDenied("this route needs an admin key")
+        return caller
+
+    def admin_page(self, request: Request) -> Caller:
+        """An admin key from the header or, for pages opened in a browser, the cookie."""
+        caller = self.identify(request, cookie=True)
+        if not caller.is_admin:
+            raise PermissionDenied("this page needs an admin key")
         return caller

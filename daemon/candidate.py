@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 Chat = list[dict[str, str]]
 Generate = Callable[[Chat], Awaitable[str]]
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+_VERSION_IN = re.compile(r"(?:^|\.)v(\d{4,})(?:\.|$)")
 
 
 class CandidateError(Exception):
@@ -239,12 +240,9 @@ def next_version(store: Store, adapters: Path) -> str:
         r[0] for r in store.db.execute("SELECT version FROM cycles WHERE version IS NOT NULL")
     ]
     if adapters.exists():
-        names += [
-            p.name.split(".")[1] if p.name.startswith(".tmp") else p.name
-            for p in adapters.iterdir()
-        ]
+        names += [p.name for p in adapters.iterdir()]  # staged and half-written ones too
     for name in names:
-        m = VERSION_RE.match(name or "")
+        m = _VERSION_IN.search(name or "")
         if m:
             used.append(int(m.group(1)))
     return f"v{max(used) + 1:04d}"
@@ -297,6 +295,19 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def staging_dir(adapters: Path, version: str) -> Path:
+    """Where a candidate lives while it is evaluated, before its folder is final."""
+    return adapters / f".staging.{version}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_version(
     adapters: Path,
     version: str,
@@ -305,9 +316,10 @@ def write_version(
     manifest: dict[str, Any],
     state_files: dict[str, Callable[[Path], object]],
 ) -> Path:
-    """Assemble the version in a temporary folder, fsync it, and rename it into place."""
-    target = adapters / version
-    if target.exists():
+    """Assemble the candidate in a temporary folder, fsync it, and rename it to its staging
+    folder (`finalize_version` moves it to ``adapters/<version>`` once it is judged)."""
+    target = staging_dir(adapters, version)
+    if target.exists() or (adapters / version).exists():
         raise CandidateError(f"version {version} already exists; versions are never reused")
     tmp = adapters / f".tmp.{version}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -326,12 +338,40 @@ def write_version(
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     _fsync_tree(tmp)
     os.rename(tmp, target)
-    fd = os.open(adapters, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(adapters)
     return target
+
+
+async def finalize_version(
+    cand: Candidate,
+    adapters: Path,
+    updates: dict[str, Any],
+    register: Callable[[dict[str, Any]], Awaitable[None]],
+) -> Path:
+    """Write the judged manifest (metrics, decision), move the staged folder to
+    ``adapters/<version>`` and register it. After this the folder is never edited."""
+    manifest = {**cand.manifest, **updates}
+    staged = staging_dir(adapters, cand.version)
+    tmp = staged / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, staged / "manifest.json")
+    _fsync_dir(staged)
+    final = adapters / cand.version
+    os.rename(staged, final)
+    _fsync_dir(adapters)
+    await register(
+        {
+            "name": cand.version,
+            "created_at": manifest["created_at"],
+            "parent": cand.parent,
+            "path": str(final.relative_to(adapters.parent)),
+            "sha256": manifest["files"]["adapter_model.safetensors"],
+            "manifest": json.dumps(manifest),
+        }
+    )
+    return final
 
 
 def _example_dict(e: Example) -> dict[str, Any]:
@@ -354,7 +394,7 @@ class CandidateInputs:
     training: TrainingSettings
     replay: ReplaySettings
     curation: CurationConfig
-    register: Callable[[dict[str, Any]], Awaitable[None]]  # stores the adapter_versions row
+    on_stage: Callable[[str, str], Awaitable[None]] | None = None  # (stage, version)
     version: str | None = None
     min_examples: int = 1
     nan_at_step: int | None = None
@@ -386,6 +426,8 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
     )
 
     version = inp.version or next_version(inp.store, adapters)
+    if inp.on_stage is not None:
+        await inp.on_stage("training", version)
     work = inp.data_dir / "work" / version
     shutil.rmtree(work, ignore_errors=True)
     warm = (
@@ -454,16 +496,6 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
         adapters, version, Path(result["adapter_dir"]), work, manifest, state_files
     )
     shutil.rmtree(work, ignore_errors=True)
-    await inp.register(
-        {
-            "name": version,
-            "created_at": manifest["created_at"],
-            "parent": inp.promoted,
-            "path": str(path.relative_to(inp.data_dir)),
-            "sha256": manifest["files"]["adapter_model.safetensors"],
-            "manifest": json.dumps(manifest),
-        }
-    )
     return Candidate(
         version=version,
         path=path,

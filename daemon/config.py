@@ -55,7 +55,7 @@ class ServingSettings(_Section):
     )
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
-    max_loras: int = Field(4, ge=1, description="Adapters vLLM keeps loaded at once.")
+    max_loras: int = Field(4, ge=1, description="Distinct adapters vLLM serves in one batch.")
     max_lora_rank: int = Field(
         64, description="Largest adapter rank vLLM accepts: 8, 16, 32, 64, 128 or 256."
     )
@@ -164,6 +164,97 @@ class CurationConfig(_Section):
     )
 
 
+class EvaluationSettings(_Section):
+    max_tokens: int = Field(128, ge=1, description="Length cap of answers generated to score.")
+    concurrency: int = Field(8, ge=1, description="Evaluation requests sent to vLLM at once.")
+    general_prompts_path: str | None = Field(
+        None,
+        description="JSONL of general prompts (`prompt` or `messages`); default: a built-in set.",
+    )
+    general_text_path: str | None = Field(
+        None, description="JSONL of held-out general text (`text`) scored by likelihood."
+    )
+    choices_path: str | None = Field(
+        None,
+        description="JSONL of multiple-choice items (`question`, `choices`, `answer`).",
+    )
+    golden_path: str | None = Field(
+        None,
+        description="JSONL golden suite (`prompt`, `must_contain`, `must_not_contain`, `regex`, "
+        "`exact`).",
+    )
+    canaries_path: str | None = Field(
+        None, description="JSONL of canary prompts whose answers must stay put."
+    )
+    max_retention_items: int = Field(
+        200, ge=0, description="Most held-out items of earlier cycles scored for retention."
+    )
+    bootstrap_resamples: int = Field(2000, ge=100, description="Paired bootstrap resamples.")
+    confidence: float = Field(0.9, gt=0.5, lt=1, description="Confidence of the intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+
+
+class GateSettings(_Section):
+    mode: Literal["auto", "manual"] = Field(
+        "auto", description="`auto` promotes a passing candidate; `manual` waits for a person."
+    )
+    min_holdout: int = Field(
+        3, ge=1, description="Fewest held-out feedback items a candidate is judged on."
+    )
+    min_task_gain: float = Field(
+        0.0, description="Least ROUGE-L gain over the current version on held-out feedback."
+    )
+    require_significant_gain: bool = Field(
+        True, description="The gain's confidence interval must lie above zero."
+    )
+    max_general_regression: float = Field(
+        0.02, ge=0, description="Most relative rise of general held-out NLL over the base model."
+    )
+    min_general_agreement: float = Field(
+        0.0, ge=0, le=1, description="Least ROUGE-L agreement with the base model's answers."
+    )
+    max_retention_loss: float = Field(
+        0.05, ge=0, description="Most ROUGE-L lost on earlier cycles' held-out feedback."
+    )
+    golden_must_pass: bool = Field(
+        True, description="A golden case passing on the current version must pass."
+    )
+    canary_max_change: float = Field(
+        0.5, ge=0, le=1, description="Most change (1 - ROUGE-L) of a canary's answer."
+    )
+    drain_timeout_s: float = Field(
+        120, gt=0, description="How long a replaced version waits for its requests to finish."
+    )
+
+
+class ScheduleSettings(_Section):
+    enabled: bool = Field(
+        True, description="Start cycles on a schedule (manual cycles always work)."
+    )
+    interval_minutes: float | None = Field(
+        60, gt=0, description="Check for a cycle this often (ignored when `cron` is set)."
+    )
+    cron: str | None = Field(
+        None, description="A crontab expression (`minute hour day month weekday`) instead."
+    )
+    timezone: str = Field("UTC", description="Time zone of the cron expression.")
+    min_new_feedback: int = Field(
+        20,
+        ge=0,
+        description="Start only with at least this many feedback items since the last cycle.",
+    )
+    min_minutes_between: float = Field(
+        30, ge=0, description="Start no sooner than this after the last cycle began."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_parses(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError("expected five fields: minute hour day month weekday")
+        return value
+
+
 class StoreSettings(_Section):
     log_queue_size: int = Field(
         10_000,
@@ -207,6 +298,9 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]
     replay: ReplaySettings = Field(default_factory=ReplaySettings)  # type: ignore[arg-type]
     curation: CurationConfig = Field(default_factory=CurationConfig)  # type: ignore[arg-type]
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)  # type: ignore[arg-type]
+    gate: GateSettings = Field(default_factory=GateSettings)  # type: ignore[arg-type]
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)  # type: ignore[arg-type]
 
     _split_keys = field_validator("api_keys", "admin_keys", mode="before")(_split)
 
@@ -316,6 +410,9 @@ def example_toml() -> str:
         ("training", TrainingSettings),
         ("replay", ReplaySettings),
         ("curation", CurationConfig),
+        ("evaluation", EvaluationSettings),
+        ("gate", GateSettings),
+        ("schedule", ScheduleSettings),
     ):
         out += ["", f"[{section}]"]
         out += _describe_fields(model, section)

@@ -34,5 +34,5 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "aiohttp.access"):
+    for noisy in ("httpx", "aiohttp.access", "absl"):  # absl: rouge-score, once per item
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -68,6 +68,39 @@ class Metrics:
             "adaptd_tokens", "Tokens processed.", ["kind", "version"], registry=self.registry
         )
         self.feedback = Counter("adaptd_feedback", "Feedback items stored.", registry=self.registry)
+        self.cycles = Counter(
+            "adaptd_cycles", "Cycles ended, by decision.", ["decision"], registry=self.registry
+        )
+        self.cycle_seconds = Histogram(
+            "adaptd_cycle_duration_seconds",
+            "Wall time of a cycle, start to decision.",
+            buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
+            registry=self.registry,
+        )
+        self.cycle_state = Gauge(
+            "adaptd_cycle_running",
+            "1 while a cycle runs, by its state.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.gate_checks = Counter(
+            "adaptd_gate_checks",
+            "Gate checks, by check and result.",
+            ["check", "result"],
+            registry=self.registry,
+        )
+        self.training_loss = Gauge(
+            "adaptd_training_loss",
+            "Loss of the last training run: first and final step.",
+            ["when"],
+            registry=self.registry,
+        )
+        self.promotions = Counter(
+            "adaptd_promotions",
+            "Changes of the served version.",
+            ["action"],
+            registry=self.registry,
+        )
 
     def watch(self, read: Callable[[], dict[str, float]], version: Callable[[], str]) -> None:
         self.registry.register(_Live(read, version))

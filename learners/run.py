@@ -58,17 +58,29 @@ def spawn(
     return proc
 
 
-def stop_children() -> int:
+def stopping() -> bool:
+    """True once `stop_children` was called: learner failures now mean "stopped"."""
+    return _stopping
+
+
+def stop_children(grace: float = 30.0) -> int:
     """Ask every learner child to stop at a safe point (SIGTERM: training checkpoints at the
-    next step boundary and exits); no restarts afterwards. Returns how many were asked."""
+    next step boundary and exits), wait up to ``grace`` seconds, then kill what is left; no
+    restarts afterwards. Returns how many children were running."""
     global _stopping
     _stopping = True
-    n = 0
-    for proc in list(_children):
-        if proc.poll() is None:
-            proc.terminate()
-            n += 1
-    return n
+    running = [p for p in list(_children) if p.poll() is None]
+    for proc in running:
+        proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in running:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("learner child %d did not stop in %.0f s; killing it", proc.pid, grace)
+            proc.kill()
+            proc.wait()
+    return len(running)
 
 
 class TrainingFailed(RuntimeError):

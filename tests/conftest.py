@@ -56,6 +56,23 @@ def daemon_env(**extra: str) -> dict[str, str]:
         ADAPTD_LIMITS__MAX_TOKENS="64",
         ADAPTD_LIMITS__MAX_BODY_BYTES="65536",
         ADAPTD_SHUTDOWN_TIMEOUT_S="10",
+        # cycles on the tiny model: a small adapter, few steps, short answers
+        ADAPTD_TRAINING__RANK="8",
+        ADAPTD_TRAINING__ALPHA="16",
+        ADAPTD_TRAINING__LEARNING_RATE="5e-3",
+        ADAPTD_TRAINING__MAX_LEN="128",
+        ADAPTD_TRAINING__BATCH_TOKENS="512",
+        ADAPTD_TRAINING__MIN_STEPS="30",
+        ADAPTD_TRAINING__MAX_STEPS="40",
+        ADAPTD_REPLAY__RATIO="0.5",
+        ADAPTD_REPLAY__SELF_MAX_TOKENS="16",
+        ADAPTD_EVALUATION__MAX_TOKENS="24",
+        ADAPTD_EVALUATION__BOOTSTRAP_RESAMPLES="500",
+        # a random-weight model's general text moves a lot with any adapter; the gate's
+        # general check is exercised in tests/daemon/test_gate.py
+        ADAPTD_GATE__MAX_GENERAL_REGRESSION="10",
+        ADAPTD_GATE__MIN_HOLDOUT="2",
+        ADAPTD_GATE__DRAIN_TIMEOUT_S="30",
     )
     env.update(extra)
     return env
@@ -70,6 +87,7 @@ class RunningDaemon:
     log_path: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -80,7 +98,7 @@ class RunningDaemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "serve", "--model", str(self.model),
              "--data-dir", str(self.data_dir), "--port", str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, env=daemon_env(), cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT, env=daemon_env(**self.extra_env), cwd=ROOT,
             preexec_fn=die_with_parent,
         )  # fmt: skip
         self.wait_ready(timeout)

@@ -13,8 +13,11 @@ from pydantic import BaseModel
 from daemon.config import (
     ConfigError,
     CurationConfig,
+    EvaluationSettings,
+    GateSettings,
     LimitSettings,
     ReplaySettings,
+    ScheduleSettings,
     ServingSettings,
     Settings,
     StoreSettings,
@@ -30,6 +33,9 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "training": TrainingSettings,
     "replay": ReplaySettings,
     "curation": CurationConfig,
+    "evaluation": EvaluationSettings,
+    "gate": GateSettings,
+    "schedule": ScheduleSettings,
 }
 
 

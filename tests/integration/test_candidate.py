@@ -15,7 +15,13 @@ import httpx
 import pytest
 from conftest import ADMIN_KEY, RunningDaemon, admin_headers, inference_headers
 
-from daemon.candidate import CandidateError, CandidateInputs, build_candidate
+from daemon.candidate import (
+    Candidate,
+    CandidateError,
+    CandidateInputs,
+    build_candidate,
+    finalize_version,
+)
 from daemon.config import CurationConfig, ReplaySettings, TrainingSettings
 from feedback.store import Store
 from learners.run import TrainingFailed
@@ -76,17 +82,29 @@ def inputs(daemon: RunningDaemon, tiny_model: Path, **kw: Any) -> CandidateInput
             )
             return str(r.json()["choices"][0]["message"]["content"])
 
-    async def register(row: dict[str, Any]) -> None:
-        w = Store(daemon.data_dir / "adaptd.db")
-        with w.db.atomic():
-            w.db["adapter_versions"].insert(row)  # type: ignore[union-attr]
-        w.close()
-
     return CandidateInputs(
         store=store, data_dir=daemon.data_dir, base_model=str(tiny_model), promoted=None,
         generate=generate, training=FAST, replay=ReplaySettings(ratio=0.5),
-        curation=CurationConfig(holdout_fraction=0.2), register=register, **kw,
+        curation=CurationConfig(holdout_fraction=0.2), **kw,
     )  # fmt: skip
+
+
+async def register(daemon: RunningDaemon, row: dict[str, Any]) -> None:
+    w = Store(daemon.data_dir / "adaptd.db")
+    w.register_version(row)
+    w.close()
+
+
+def build_and_finalize(daemon: RunningDaemon, tiny_model: Path, **kw: Any) -> Candidate:
+    async def go() -> Candidate:
+        cand = await build_candidate(inputs(daemon, tiny_model, **kw))
+        assert cand.path.name == f".staging.{cand.version}"
+        path = await finalize_version(
+            cand, daemon.data_dir / "adapters", {}, lambda row: register(daemon, row)
+        )
+        return Candidate(**{**cand.__dict__, "path": path})
+
+    return asyncio.run(go())
 
 
 def versions_on_disk(daemon: RunningDaemon) -> set[str]:
@@ -97,7 +115,7 @@ def versions_on_disk(daemon: RunningDaemon) -> set[str]:
 def test_feedback_becomes_a_candidate_version(daemon: RunningDaemon, tiny_model: Path) -> None:
     collect_feedback(daemon)
     before = versions_on_disk(daemon)
-    cand = asyncio.run(build_candidate(inputs(daemon, tiny_model)))
+    cand = build_and_finalize(daemon, tiny_model)
     assert cand.version not in before and cand.version.startswith("v")
     files = sorted(str(p.relative_to(cand.path)) for p in cand.path.rglob("*") if p.is_file())
     assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json", "state/ewc.safetensors",
@@ -136,7 +154,7 @@ def test_feedback_becomes_a_candidate_version(daemon: RunningDaemon, tiny_model:
                    json={"model": cand.version, "messages": [{"role": "user", "content": "What is the code word 3?"}], "max_tokens": 8})  # fmt: skip
     assert r.status_code == 200 and r.headers["x-adaptd-version"] == cand.version
     # A second call never reuses the name.
-    again = asyncio.run(build_candidate(inputs(daemon, tiny_model)))
+    again = build_and_finalize(daemon, tiny_model)
     assert again.version != cand.version
 
 

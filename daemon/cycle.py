@@ -1,0 +1,487 @@
+"""One adaptation cycle, as a recipe:
+
+    snapshot → curate → train (`daemon.candidate`) → evaluate (`daemon.evaluation`)
+    → gate (`daemon.gate`) → finalize the version → promote, wait or reject → report
+
+Each stage is persisted in the cycle's row (``cycles`` table) before it starts, so the
+operator (and, after a crash, the next start) sees where a cycle stood. A rejection is a
+normal outcome with reasons. A candidate with non-finite weights is rejected before it is
+ever loaded into vLLM. The candidate is evaluated under its own name from its staging
+folder, then unloaded; its final folder (manifest with metrics and decision) is what
+promotion loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from daemon.candidate import (
+    Candidate,
+    CandidateError,
+    CandidateInputs,
+    build_candidate,
+    finalize_version,
+    staging_dir,
+)
+from daemon.config import Settings
+from daemon.evaluation import Scorer, SuiteError, Summary, build_suite, summarize
+from daemon.gate import Decision, Evidence, decide
+from daemon.promotion import Promoter, PromotionError
+from daemon.report import write_report
+from feedback.store import Cycle, Store
+from learners.lora import check_finite
+from learners.run import TrainingFailed
+from learners.run import stopping as learner_stopping
+from learners.score import ScoringFailed, score_in_child
+from serving.engine import EngineError, VllmEngine
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("done", "rejected", "awaiting_approval", "failed")
+
+
+def _fault_pauses(spec: str) -> dict[str, float]:
+    """Fault injection for the crash tests: ``ADAPTD_FAULT_PAUSE="promoting=8"`` holds a cycle
+    that long right after it enters the state, so a test can kill the daemon there."""
+    out = {}
+    for part in spec.split(","):
+        state, _, seconds = part.partition("=")
+        if state.strip() and seconds.strip():
+            out[state.strip()] = float(seconds)
+    return out
+
+
+FAULT_PAUSE = _fault_pauses(os.environ.get("ADAPTD_FAULT_PAUSE", ""))
+
+
+class CycleInterrupted(Exception):
+    """The daemon is stopping: the cycle keeps its state and resumes at the next start."""
+
+
+class CycleRunning(Exception):
+    status = 409
+    type = "invalid_request_error"
+    code = "cycle_running"
+
+
+@dataclass
+class CycleDeps:
+    settings: Settings
+    base_model: str
+    reader: Store
+    writer: Any  # feedback.writer.Writer
+    engine: VllmEngine
+    promoter: Promoter
+    tokenizer: Callable[[], Any]
+    on_state: Callable[[Cycle], None] | None = None  # metrics
+
+    @property
+    def adapters(self) -> Path:
+        return self.settings.data_dir / "adapters"
+
+    @property
+    def reports(self) -> Path:
+        return self.settings.data_dir / "reports"
+
+
+def new_cycle(trigger: str) -> Cycle:
+    now = time.time()
+    return Cycle(
+        id=f"c-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{uuid.uuid4().hex[:6]}",
+        created_at=now,
+        state="queued",
+        detail={"trigger": trigger},
+    )
+
+
+async def save(deps: CycleDeps, cycle: Cycle, **changes: Any) -> Cycle:
+    cycle = replace(cycle, **changes)
+    stored: Cycle = await deps.writer.call(lambda s: s.put_cycle(cycle))
+    if deps.on_state is not None:
+        deps.on_state(stored)
+    if cycle.state in FAULT_PAUSE:
+        log.warning("fault injection: pausing %.1f s in %s", FAULT_PAUSE[cycle.state], cycle.state)
+        await asyncio.sleep(FAULT_PAUSE[cycle.state])
+    log.info(
+        "cycle %s: %s%s", cycle.id, cycle.state, f" ({cycle.version})" if cycle.version else ""
+    )
+    return stored
+
+
+async def evaluate(
+    deps: CycleDeps, cand: Candidate, path: Path
+) -> tuple[Summary, dict[str, Any] | None]:
+    """Score base, current and candidate; the candidate from its staging folder ``path``."""
+    cfg = deps.settings.evaluation
+    suite = build_suite(cfg, path, deps.adapters, cand.parent)
+    work = deps.settings.data_dir / "work" / f"eval-{cand.version}"
+
+    async def likelihood(
+        adapters: dict[str, str], models: list[str | None], seqs: list[dict[str, list[int]]]
+    ) -> dict[str, list[list[float]]]:
+        job = {"base_model": deps.base_model, "adapters": adapters, "models": models,
+               "sequences": seqs}  # fmt: skip
+        return await asyncio.to_thread(score_in_child, work, job)
+
+    scorer = Scorer(
+        deps.engine,
+        likelihood,
+        deps.tokenizer(),
+        cfg,
+        max_len=deps.settings.serving.max_model_len or 2048,
+        progress=lambda m: log.info("evaluating %s: %s", cand.version, m),
+    )
+    current = deps.promoter.promoted
+    models: dict[str, str | None] = {"base": None}
+    adapters = {cand.version: str(path)}
+    if current is not None:
+        models[current] = current
+        adapters[current] = str(deps.adapters / current)
+    models[cand.version] = cand.version
+    await deps.engine.load_adapter(cand.version, str(path))
+    try:
+        scores = await scorer.score(suite, models, adapters)
+        cost = await scorer.serving_cost(suite.general_prompts, cand.version)
+    finally:
+        await deps.engine.unload_adapter(cand.version)
+        shutil.rmtree(work, ignore_errors=True)
+    summary = summarize(
+        suite,
+        scores["base"],
+        scores[current] if current is not None else scores["base"],
+        scores[cand.version],
+        cfg,
+    )
+    return summary, cost
+
+
+def _history(deps: CycleDeps, extra: dict[str, Any] | None) -> list[dict[str, Any]]:
+    promoted = {p.version for p in deps.reader.promotions() if p.version}
+    rows = []
+    for r in deps.reader.db["adapter_versions"].rows_where(order_by="created_at"):
+        m = json.loads(r["manifest"] or "{}")
+        ev = (m.get("metrics") or {}).get("evaluation") or {}
+        rows.append(_history_row(r["name"], r["created_at"], r["name"] in promoted, ev))
+    if extra:
+        rows.append(extra)
+    return rows
+
+
+def _history_row(
+    version: str, created: float, promoted: bool, ev: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "version": version,
+        "created_at": created,
+        "promoted": promoted,
+        "general_nll": ev.get("general_nll"),
+        "general_agreement": ev.get("general_agreement"),
+        "retention_rouge_l": ev.get("retention_rouge_l"),
+        "task_rouge_l": ev.get("task_rouge_l"),
+    }
+
+
+def _training_curve(path: Path) -> list[dict[str, Any]]:
+    log_file = path / "state" / "train_log.jsonl"
+    if not log_file.is_file():
+        return []
+    out = []
+    for line in log_file.read_text().splitlines():
+        r = json.loads(line)
+        out.append({k: r.get(k) for k in ("step", "loss", "task_loss", "ewc_penalty")})
+    return out
+
+
+def build_report(
+    deps: CycleDeps,
+    cycle: Cycle,
+    manifest: dict[str, Any] | None,
+    path: Path | None,
+    summary: Summary | None,
+    decision: dict[str, Any],
+) -> dict[str, Any]:
+    """The report's data (schema 1): what `daemon.report` renders."""
+    m = manifest or {}
+    data = m.get("data") or {}
+    cur = data.get("curation") or {}
+    train = (m.get("metrics") or {}).get("training") or {}
+    curve = _training_curve(path) if path else []
+    this = (
+        _history_row(cycle.version, m.get("created_at", time.time()), False, summary.record)
+        if summary and cycle.version
+        else None
+    )
+    return {
+        "schema": 1,
+        "version": cycle.version,
+        "cycle_id": cycle.id,
+        "created_at": cycle.created_at,
+        "base_model": deps.base_model,
+        "parent": m.get("parent"),
+        "current": decision.get("current", m.get("parent")),
+        "decision": decision,
+        "data": {
+            "feedback_in": len(data.get("feedback_ids") or []),
+            "kept": data.get("train_examples"),
+            "holdout": data.get("holdout_examples"),
+            "eval_only": cur.get("eval_only"),
+            "dropped": {
+                k: len(v) if isinstance(v, list) else v
+                for k, v in (cur.get("dropped") or {}).items()
+            },
+            "replay": data.get("replay") or {},
+        },
+        "training": {
+            "steps": train.get("steps"),
+            "seconds": train.get("seconds") or train.get("elapsed_s"),
+            "first_loss": train.get("first_loss"),
+            "final_loss": train.get("final_loss"),
+            "curve": curve,
+        },
+        "metrics": summary.metrics if summary else [],
+        "history": _history(deps, this),
+        "examples": summary.examples if summary else {"gains": [], "regressions": []},
+        "serving_cost": decision.get("serving_cost"),
+        "golden": summary.golden if summary else [],
+        "links": {"adapter": f"adapters/{cycle.version}"} if cycle.version else {},
+    }
+
+
+async def run_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "scheduler") -> Cycle:
+    """Run one cycle to its end; never raises for a failed or rejected candidate."""
+    cycle = await save(deps, cycle, state="curating")
+
+    async def on_stage(stage: str, version: str) -> None:
+        nonlocal cycle
+        cycle = await save(deps, cycle, state=stage, version=version)
+
+    async def generate(chat: list[dict[str, str]]) -> str:
+        return await deps.engine.complete_chat(
+            chat, max_tokens=deps.settings.replay.self_max_tokens, temperature=1.0
+        )
+
+    try:
+        cand = await build_candidate(
+            CandidateInputs(
+                store=deps.reader,
+                data_dir=deps.settings.data_dir,
+                base_model=deps.base_model,
+                promoted=deps.promoter.promoted,
+                generate=generate,
+                training=deps.settings.training,
+                replay=deps.settings.replay,
+                curation=deps.settings.curation,
+                on_stage=on_stage,
+                version=cycle.version,
+            )
+        )
+    except (CandidateError, TrainingFailed, EngineError) as e:
+        if learner_stopping():
+            raise CycleInterrupted(f"stopped while {cycle.state}") from e
+        return await _fail(deps, cycle, f"no candidate: {e}")
+    return await judge(deps, cycle, cand, actor=actor)
+
+
+async def judge(deps: CycleDeps, cycle: Cycle, cand: Candidate, *, actor: str) -> Cycle:
+    """Evaluate → gate → finalize the version → promote, wait or reject → report."""
+    gate = deps.settings.gate
+    path = staging_dir(deps.adapters, cand.version)
+    cycle = await save(deps, cycle, state="evaluating", version=cand.version)
+    finite, detail = check_finite(path)
+    summary: Summary | None = None
+    cost = None
+    if finite:
+        try:
+            summary, cost = await evaluate(deps, cand, path)
+        except (SuiteError, EngineError, ScoringFailed) as e:
+            if learner_stopping():
+                raise CycleInterrupted("stopped while evaluating") from e
+            return await _fail(deps, cycle, f"evaluation failed: {e}", cand)
+        evidence = summary.evidence
+    else:
+        log.warning("candidate %s has non-finite weights: %s; never loaded", cand.version, detail)
+        evidence = Evidence(holdout=0, weights_finite=False, weights_detail=detail)
+
+    cycle = await save(deps, cycle, state="deciding")
+    verdict: Decision = decide(evidence, gate)
+    decision = {
+        "passed": verdict.passed,
+        "mode": gate.mode,
+        "reasons": verdict.reasons,
+        "checks": [asdict(c) for c in verdict.checks],
+        "current": deps.promoter.promoted,
+        "serving_cost": cost,
+    }
+    outcome = "rejected"
+    if verdict.passed:
+        outcome = "awaiting_approval" if gate.mode == "manual" else "promoting"
+    decision["outcome"] = outcome if outcome != "promoting" else "promoted"
+    metrics = {
+        **cand.manifest.get("metrics", {}),
+        "evaluation": summary.record if summary else None,
+        "table": summary.metrics if summary else [],
+        "probe": summary.probe if summary else None,
+        "serving_cost": cost,
+    }
+    final = await finalize_version(
+        cand,
+        deps.adapters,
+        {"metrics": metrics, "decision": {k: v for k, v in decision.items() if k != "checks"}},
+        register=lambda row: deps.writer.call(lambda s: s.register_version(row)),
+    )
+    notes = [r for r in cycle.reasons if r.startswith("resumed after")]
+    reasons = [*notes, *verdict.reasons]
+    if outcome == "promoting":
+        cycle = await save(deps, cycle, state="promoting", reasons=reasons)
+        try:
+            done = await deps.promoter.promote(
+                cand.version, actor=actor, reason=f"cycle {cycle.id}: passed the gate"
+            )
+            reasons = [*reasons, f"promoted: {done.probe.detail if done.probe else ''}"]
+            state, dec = "done", "promoted"
+        except (PromotionError, EngineError) as e:
+            reasons = [f"FAIL promotion: {e}", *reasons]
+            state, dec = "rejected", "rejected"
+            decision["outcome"] = "rejected"
+    elif outcome == "awaiting_approval":
+        state, dec = "awaiting_approval", "awaiting_approval"
+    else:
+        state, dec = "rejected", "rejected"
+    decision["reasons"] = reasons
+    report = build_report(deps, replace(cycle, version=cand.version), cand.manifest, final,
+                          summary, decision)  # fmt: skip
+    write_report(deps.reports, report)
+    return await save(
+        deps, cycle, state=state, decision=dec, reasons=reasons,
+        detail={**cycle.detail, "report": f"reports/{cand.version}/report.html"},
+    )  # fmt: skip
+
+
+def staged_candidate(deps: CycleDeps, version: str) -> Candidate | None:
+    """The candidate a crashed cycle left in its staging folder, if it was fully written."""
+    path = staging_dir(deps.adapters, version)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    m = json.loads(manifest_path.read_text())
+    data, metrics = m.get("data") or {}, m.get("metrics") or {}
+    return Candidate(
+        version=version,
+        path=path,
+        parent=m.get("parent"),
+        curation=data.get("curation") or {},
+        replay=data.get("replay") or {},
+        train=metrics.get("training") or {},
+        restarts=int(metrics.get("training_restarts") or 0),
+        manifest=m,
+    )
+
+
+async def resume_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "restart") -> Cycle:
+    """Carry on a cycle that a crash or a stop interrupted, from its last finished stage:
+
+    * queued, curating, training: curation and training again (the same version name);
+    * evaluating, deciding: judge the candidate its staging folder holds;
+    * promoting: the version is final; promote it unless the history shows it already was.
+    """
+    note = f"resumed after a restart from state {cycle.state!r}"
+    log.info("cycle %s: %s", cycle.id, note)
+    cycle = replace(cycle, reasons=[note, *cycle.reasons])
+    if cycle.state == "promoting" and cycle.version:
+        return await _finish_promotion(deps, cycle, actor)
+    cand = staged_candidate(deps, cycle.version) if cycle.version else None
+    if cand is not None:
+        return await judge(deps, cycle, cand, actor=actor)
+    if cycle.version and (deps.adapters / cycle.version).is_dir():
+        # finalized, then interrupted before its state was saved: it was judged already
+        return await _finish_promotion(deps, cycle, actor)
+    if cycle.version:
+        shutil.rmtree(deps.settings.data_dir / "work" / cycle.version, ignore_errors=True)
+    return await run_cycle(deps, cycle, actor=actor)
+
+
+async def _finish_promotion(deps: CycleDeps, cycle: Cycle, actor: str) -> Cycle:
+    version = cycle.version
+    assert version is not None
+    row = deps.reader.get_version(version)
+    verdict = (json.loads(row["manifest"] or "{}").get("decision") or {}) if row else {}
+    if not verdict.get("passed"):
+        reason = verdict.get("reasons") or ["the gate did not pass it"]
+        return await save(deps, cycle, state="rejected", decision="rejected",
+                          reasons=[*cycle.reasons, *reason])  # fmt: skip
+    if deps.settings.gate.mode == "manual":
+        return await save(deps, cycle, state="awaiting_approval", decision="awaiting_approval")
+    if deps.promoter.promoted == version:
+        return await save(deps, cycle, state="done", decision="promoted")
+    try:
+        done = await deps.promoter.promote(
+            version, actor=actor, reason=f"cycle {cycle.id}: passed the gate (resumed)"
+        )
+        detail = done.probe.detail if done.probe else ""
+        return await save(deps, cycle, state="done", decision="promoted",
+                          reasons=[*cycle.reasons, f"promoted: {detail}"])  # fmt: skip
+    except (PromotionError, EngineError) as e:
+        return await save(deps, cycle, state="rejected", decision="rejected",
+                          reasons=[f"FAIL promotion: {e}", *cycle.reasons])  # fmt: skip
+
+
+async def _fail(deps: CycleDeps, cycle: Cycle, reason: str, cand: Candidate | None = None) -> Cycle:
+    log.warning("cycle %s failed: %s", cycle.id, reason)
+    if cand is not None:
+        # Judged unusable; keep the folder under its final name so the name stays spent
+        # and the files stay inspectable, with the failure in its manifest.
+        await finalize_version(
+            cand,
+            deps.adapters,
+            {"decision": {"outcome": "failed", "reasons": [reason]}},
+            register=lambda row: deps.writer.call(lambda s: s.register_version(row)),
+        )
+    decision = {"outcome": "failed", "passed": False, "reasons": [reason], "checks": []}
+    if cycle.version:
+        write_report(
+            deps.reports,
+            build_report(deps, cycle, cand.manifest if cand else None, None, None, decision),
+        )
+    notes = [r for r in cycle.reasons if r.startswith("resumed after")]
+    return await save(deps, cycle, state="failed", decision="failed", reasons=[reason, *notes])
+
+
+async def settle(
+    deps: CycleDeps, version: str, *, approve: bool, actor: str, reason: str
+) -> Cycle | None:
+    """A person's approve / reject of a version awaiting approval; updates its cycle and
+    report. Approval promotes (`PromotionError` if the promotion is refused)."""
+    cycle = deps.reader.cycle_of_version(version)
+    if approve:
+        await deps.promoter.promote(version, actor=actor, reason=reason or "approved")
+    if cycle is None or cycle.state != "awaiting_approval":
+        return cycle
+    line = f"{'approved' if approve else 'rejected'} by {actor}" + (f": {reason}" if reason else "")
+    cycle = await save(
+        deps,
+        cycle,
+        state="done" if approve else "rejected",
+        decision="promoted" if approve else "rejected",
+        reasons=[line, *cycle.reasons],
+    )
+    from daemon.report import load_report
+
+    report = load_report(deps.reports, version)
+    if report is not None:
+        report["decision"] = {
+            **report.get("decision", {}),
+            "outcome": cycle.decision,
+            "reasons": cycle.reasons,
+        }
+        write_report(deps.reports, report)
+    return cycle

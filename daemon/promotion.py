@@ -1,0 +1,279 @@
+"""Promotion and rollback: load, prove, flip, drain, unload.
+
+1. Admission: the version is registered, its files are where the store says, the adapter
+   file's sha256 is the one recorded when it was written, and every value is finite.
+2. Load it into vLLM under its own name (a no-op if it is loaded already).
+3. Probe: ask the version, greedy, the prompts on which evaluation saw the candidate's answer
+   differ most from the base model's. Its answers must be nearer (ROUGE-L) to what the
+   candidate answered at evaluation than to what the base model answered: an adapter that vLLM
+   silently ignores answers like the base model and fails here, before any user sees it.
+4. Flip: one transaction appends the promotion to the history (append-only); the in-memory
+   alias changes in the same event-loop step, so every request resolves to the old or the
+   new version, never to nothing.
+5. Drain: the replaced version stays loaded until the requests that started on it finish
+   (or ``drain_timeout_s`` passes), then it is unloaded. Version folders are never deleted.
+
+Rollback is the same path with the target taken from the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from daemon.evaluation import Backend
+from feedback.store import Promotion, Store
+from learners.lora import check_finite
+from learners.metrics import mean, text_scores
+
+log = logging.getLogger(__name__)
+
+
+class PromotionError(Exception):
+    status = 409
+    type = "invalid_request_error"
+    code = "promotion_refused"
+
+
+class UnknownVersion(PromotionError):
+    status = 404
+    code = "version_not_found"
+
+
+class Engine(Backend, Protocol):
+    """What promotion needs from the serving side: evaluation's generation, plus loading."""
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+    async def unload_adapter(self, name: str) -> None: ...
+
+
+class Drainer(Protocol):
+    async def drained(self, upstream: str, *, timeout: float, poll: float = ...) -> bool: ...
+
+
+class Writer(Protocol):
+    async def call(self, fn: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    passed: bool
+    detail: str
+    to_candidate: float | None = None  # mean ROUGE-L of the answers to evaluation's
+    to_base: float | None = None  # ... and to the base model's
+
+
+@dataclass(frozen=True)
+class Promoted:
+    promotion: Promotion
+    probe: ProbeResult | None
+    seconds: float
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def judge_probe(answers: list[str], candidate: list[str], base: list[str]) -> ProbeResult:
+    """Is the adapter applied as evaluation saw it? Pure: compares greedy answers."""
+    if not answers:
+        return ProbeResult(False, "no probe answers")
+    to_cand = mean(text_scores(answers, candidate).rouge_l) or 0.0
+    to_base = mean(text_scores(answers, base).rouge_l) or 0.0
+    ok = to_cand > to_base
+    verdict = "applied" if ok else "NOT applied (it answers like the base model)"
+    return ProbeResult(
+        ok,
+        f"{len(answers)} probe answers match the evaluated candidate {to_cand:.2f} and the base "
+        f"model {to_base:.2f} (ROUGE-L): adapter {verdict}",
+        to_cand,
+        to_base,
+    )
+
+
+class Promoter:
+    """Owns the `adaptd` alias: which version it serves, and every change to it."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        gateway: Drainer,
+        writer: Writer,
+        reader: Store,
+        data_dir: Path,
+        drain_timeout_s: float,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.gateway = gateway
+        self.writer = writer
+        self.reader = reader
+        self.data_dir = data_dir
+        self.drain_timeout_s = drain_timeout_s
+        self.on_change = on_change
+        self.promoted: str | None = reader.promoted_version()
+        self._lock = asyncio.Lock()
+        self._drains: set[asyncio.Task[None]] = set()
+
+    def path_of(self, version: str) -> Path:
+        row = self.reader.get_version(version)
+        if row is None:
+            raise UnknownVersion(f"unknown version {version!r}: see `adaptd versions`")
+        path = (self.data_dir / row["path"]).resolve()
+        adapters = (self.data_dir / "adapters").resolve()
+        if path.parent != adapters or not path.is_dir():
+            raise PromotionError(f"version {version}'s folder is missing or outside adapters/")
+        return path
+
+    def admit(self, version: str) -> Path:
+        """Refuse a version whose files changed since they were written, or hold non-finite
+        values; returns its folder."""
+        path = self.path_of(version)
+        row = self.reader.get_version(version) or {}
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise PromotionError(f"version {version} has no adapter_model.safetensors")
+        if row.get("sha256") and sha256_of(weights) != row["sha256"]:
+            raise PromotionError(
+                f"version {version}'s adapter file changed since it was written (sha256 differs)"
+            )
+        finite, detail = check_finite(path)
+        if not finite:
+            raise PromotionError(f"version {version} is unusable: {detail}")
+        return path
+
+    async def probe(self, version: str, path: Path) -> ProbeResult:
+        manifest = orjson.loads((path / "manifest.json").read_bytes())
+        rec = (manifest.get("metrics") or {}).get("probe")
+        if not rec or not rec.get("items"):
+            return ProbeResult(
+                False,
+                f"version {version} has no probe: at evaluation it answered every prompt as "
+                "the base model did, so nothing can show that it is applied",
+            )
+        items = rec["items"]
+        answers = [
+            str(
+                (
+                    await self.engine.generate(
+                        it["messages"],
+                        model=version,
+                        max_tokens=int(rec.get("max_tokens") or 64),
+                        temperature=0.0,
+                    )
+                ).text
+            )
+            for it in items
+        ]
+        return judge_probe(answers, [it["candidate"] for it in items], [it["base"] for it in items])
+
+    async def promote(
+        self, version: str | None, *, actor: str, reason: str, action: str = "promote"
+    ) -> Promoted:
+        """Serve ``version`` (None: the base model) under the `adaptd` alias."""
+        t0 = time.perf_counter()
+        async with self._lock:
+            probe = None
+            if version is not None:
+                path = self.admit(version)
+                await self.engine.load_adapter(version, str(path))
+                probe = await self.probe(version, path)
+                if not probe.passed:
+                    if version != self.promoted:
+                        await self.engine.unload_adapter(version)
+                    raise PromotionError(f"version {version} failed its probe: {probe.detail}")
+            old = self.promoted
+            promotion = await self.writer.call(
+                lambda s: s.record_promotion(action, version, actor=actor, reason=reason)
+            )
+            self.promoted = version
+            if self.on_change is not None:
+                self.on_change(action)
+            log.info(
+                "%s: adaptd now serves %s (was %s) by %s",
+                action, version or "base", old or "base", actor,
+            )  # fmt: skip
+            if old is not None and old != version:
+                task = asyncio.create_task(self._drain_and_unload(old), name=f"drain-{old}")
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+        return Promoted(promotion, probe, time.perf_counter() - t0)
+
+    def rollback_target(self, version: str | None) -> str | None:
+        """The version a rollback goes to: the one named, else the one before the current."""
+        if version is not None:
+            return None if version == "base" else version
+        history = self.reader.promotions()
+        if not history:
+            raise PromotionError("nothing to roll back: no version was ever promoted")
+        return history[-1].previous
+
+    async def rollback(self, version: str | None, *, actor: str, reason: str) -> Promoted:
+        target = self.rollback_target(version)
+        if target == self.promoted:
+            raise PromotionError(f"{target or 'base'} is already served")
+        return await self.promote(target, actor=actor, reason=reason, action="rollback")
+
+    async def reconcile(self) -> str | None:
+        """At start-up (and after vLLM restarts): make vLLM hold what the alias names.
+
+        The alias is the last row of the history. If that version cannot be admitted or
+        loaded, walk back through the history to the newest one that can (or the base model)
+        and record that as a rollback, so the alias never names a version vLLM lacks.
+        """
+        async with self._lock:
+            tried: list[str] = []
+            candidates = [self.promoted] + [p.previous for p in reversed(self.reader.promotions())]
+            for version in dict.fromkeys(candidates):  # in order, without repeats
+                if version is None:
+                    break
+                try:
+                    path = self.admit(version)
+                    await self.engine.load_adapter(version, str(path))
+                    break
+                except Exception as e:
+                    log.error("version %s cannot be served: %s", version, e)
+                    tried.append(f"{version}: {e}")
+            else:
+                version = None
+            if version != self.promoted:
+                reason = "at start-up the promoted version could not be loaded: " + "; ".join(tried)
+                await self.writer.call(
+                    lambda s: s.record_promotion(
+                        "rollback", version, actor="startup", reason=reason
+                    )
+                )
+                log.warning("adaptd serves %s: %s", version or "base", reason)
+                self.promoted = version
+            return self.promoted
+
+    async def _drain_and_unload(self, version: str) -> None:
+        drained = await self.gateway.drained(version, timeout=self.drain_timeout_s)
+        if not drained:
+            log.warning("version %s still had requests after %.0f s", version, self.drain_timeout_s)
+        async with self._lock:
+            if version == self.promoted:
+                return  # promoted again meanwhile
+            try:
+                await self.engine.unload_adapter(version)
+                log.info("version %s unloaded after its requests drained", version)
+            except Exception as e:
+                log.warning("could not unload %s: %s", version, e)
+
+    async def wait_drained(self) -> None:
+        """Wait for background drains (tests and shutdown)."""
+        while self._drains:
+            await asyncio.gather(*list(self._drains), return_exceptions=True)

@@ -1,0 +1,80 @@
+"""The judging half of a cycle around a fake vLLM: a candidate with non-finite weights is
+rejected with its reason, finalized, reported, and never loaded into the server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from daemon.candidate import Candidate, staging_dir
+from daemon.config import load_settings
+from daemon.cycle import CycleDeps, judge, new_cycle
+from daemon.promotion import Promoter
+from feedback.store import Store
+from feedback.writer import Writer
+
+
+class NeverLoad:
+    """A serving backend that must not be touched."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"vLLM was asked to {name} a non-finite candidate")
+
+
+class NoDrain:
+    async def drained(self, upstream: str, *, timeout: float, poll: float = 0.05) -> bool:
+        return True
+
+
+def staged_candidate(adapters: Path, version: str, value: float) -> Candidate:
+    path = staging_dir(adapters, version)
+    (path / "state").mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    save_file(
+        {"base_model.model.layers.0.q_proj.lora_A.weight": torch.full((2, 4), value)},
+        str(path / "adapter_model.safetensors"),
+    )
+    manifest = {"version": version, "created_at": 1.0, "parent": None,
+                "files": {"adapter_model.safetensors": "x"}, "metrics": {"training": {}}}  # fmt: skip
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return Candidate(version, path, None, {}, {}, {}, 0, manifest)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_candidate_is_rejected_without_touching_vllm(tmp_path: Path, bad: float) -> None:
+    settings = load_settings(data_dir=tmp_path)
+    store = Store(settings.db_path)
+    store.migrate()
+    writer = Writer(store)
+    reader = Store(settings.db_path, readonly=True)
+    engine = NeverLoad()
+    promoter = Promoter(
+        engine=engine, gateway=NoDrain(), writer=writer, reader=reader,  # type: ignore[arg-type]
+        data_dir=tmp_path, drain_timeout_s=1,
+    )  # fmt: skip
+    deps = CycleDeps(settings, "tiny", reader, writer, engine, promoter, tokenizer=lambda: None)  # type: ignore[arg-type]
+    cand = staged_candidate(deps.adapters, "v0001", bad)
+    cycle = asyncio.run(deps.writer.call(lambda s: s.put_cycle(new_cycle("test"))))
+    done = asyncio.run(judge(deps, cycle, cand, actor="test"))
+    try:
+        assert done.state == "rejected" and done.decision == "rejected"
+        assert done.reasons[0].startswith("FAIL weights: non-finite values in")
+        assert promoter.promoted is None and reader.promotions() == []
+        final = deps.adapters / "v0001"
+        assert final.is_dir() and not staging_dir(deps.adapters, "v0001").exists()
+        manifest = json.loads((final / "manifest.json").read_text())
+        assert manifest["decision"]["passed"] is False
+        assert reader.get_version("v0001") is not None  # the name is spent
+        report = json.loads((deps.reports / "v0001" / "report.json").read_text())
+        assert report["decision"]["outcome"] == "rejected"
+        assert (deps.reports / "v0001" / "report.html").is_file()
+    finally:
+        writer.close()
+        store.close()
+        reader.close()

@@ -1,0 +1,245 @@
+"""Promotion and rollback around fakes of vLLM and the gateway (the real ones run in
+tests/integration/test_cycle.py): admission, the probe, the flip, the drain, the history."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from daemon.promotion import Promoter, PromotionError, UnknownVersion, judge_probe, sha256_of
+from feedback.store import Store
+from feedback.writer import Writer
+
+CANDIDATE = "please see the manual page one"
+BASE = "zebra quartz lantern"
+PROBE = {
+    "items": [{"messages": [{"role": "user", "content": "hi"}], "candidate": CANDIDATE,
+               "base": BASE}],
+    "max_tokens": 8,
+}  # fmt: skip
+
+
+@dataclass
+class Gen:
+    text: str
+
+
+class FakeEngine:
+    """Greedy answers per model name; records every load and unload."""
+
+    def __init__(self) -> None:
+        self.lp = {"base": BASE}  # what each model answers; unknown models answer as the base
+        self.calls: list[tuple[str, str]] = []
+        self.loaded: set[str] = set()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        self.calls.append(("load", name))
+        self.loaded.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.calls.append(("unload", name))
+        self.loaded.discard(name)
+
+    async def generate(self, messages: object, *, model: str = "base", **kw: object) -> Gen:
+        assert kw["temperature"] == 0.0 and kw["max_tokens"] == 8
+        return Gen(self.lp.get(model, self.lp["base"]))  # an ignored adapter answers as the base
+
+
+class FakeGateway:
+    def __init__(self) -> None:
+        self.inflight: dict[str, int] = {}
+
+    async def drained(self, upstream: str, *, timeout: float, poll: float = 0.01) -> bool:
+        while self.inflight.get(upstream, 0) > 0:
+            await asyncio.sleep(poll)
+        return True
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> Iterator[tuple[Path, Store, Writer]]:
+    store = Store(tmp_path / "adaptd.db")
+    store.migrate()
+    writer = Writer(store)
+    reader = Store(tmp_path / "adaptd.db", readonly=True)
+    yield tmp_path, reader, writer
+    writer.close()
+    store.close()
+    reader.close()
+
+
+def make_version(
+    data: Path, writer: Writer, name: str, *, value: float = 0.1, probe: dict | None = None
+) -> Path:
+    path = data / "adapters" / name
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.full((2, 3), value)}, str(path / "adapter_model.safetensors"))
+    rec = probe if probe is not None else PROBE
+    manifest = {"version": name, "metrics": {"probe": rec}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    writer.call_sync(
+        lambda s: s.register_version(
+            {"name": name, "created_at": 1.0, "parent": None, "path": f"adapters/{name}",
+             "sha256": sha256_of(path / "adapter_model.safetensors"),
+             "manifest": json.dumps(manifest)}
+        )
+    )  # fmt: skip
+    return path
+
+
+def promoter(env: tuple[Path, Store, Writer], engine: FakeEngine, gw: FakeGateway) -> Promoter:
+    data, reader, writer = env
+    return Promoter(
+        engine=engine, gateway=gw, writer=writer, reader=reader, data_dir=data,
+        drain_timeout_s=5,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("answer", "passed"),
+    [
+        (CANDIDATE, True),  # applied exactly as at evaluation
+        ("please see the manual page two", True),  # numerics moved a token, clearly applied
+        (BASE, False),  # vLLM ignored the adapter
+        ("zebra quartz lantern manual", False),  # nearer the base model than the candidate
+    ],
+)
+def test_judge_probe(answer: str, passed: bool) -> None:
+    assert judge_probe([answer], [CANDIDATE], [BASE]).passed is passed
+
+
+def test_a_version_without_probe_is_not_promoted(env: tuple[Path, Store, Writer]) -> None:
+    data, _reader, writer = env
+    make_version(data, writer, "v0001", probe={})
+    p = promoter(env, FakeEngine(), FakeGateway())
+    with pytest.raises(PromotionError, match="no probe"):
+        asyncio.run(p.promote("v0001", actor="t", reason=""))
+
+
+def test_promote_flips_the_alias_in_one_recorded_step(env: tuple[Path, Store, Writer]) -> None:
+    data, reader, writer = env
+    make_version(data, writer, "v0001")
+    eng = FakeEngine()
+    eng.lp["v0001"] = CANDIDATE
+    p = promoter(env, eng, FakeGateway())
+    done = asyncio.run(p.promote("v0001", actor="test", reason="passed"))
+    assert p.promoted == "v0001" == reader.promoted_version()
+    assert done.probe is not None and done.probe.passed
+    assert [(h.action, h.version, h.previous) for h in reader.promotions()] == [
+        ("promote", "v0001", None)
+    ]
+
+
+def test_an_adapter_vllm_ignores_is_not_promoted(env: tuple[Path, Store, Writer]) -> None:
+    data, reader, writer = env
+    make_version(data, writer, "v0001")
+    eng = FakeEngine()  # no entry for v0001: it scores like the base model
+    p = promoter(env, eng, FakeGateway())
+    with pytest.raises(PromotionError, match=r"failed its probe.*NOT applied"):
+        asyncio.run(p.promote("v0001", actor="test", reason=""))
+    assert p.promoted is None and reader.promotions() == []
+    assert eng.calls == [("load", "v0001"), ("unload", "v0001")]
+
+
+def test_admission_refuses_changed_or_non_finite_files(env: tuple[Path, Store, Writer]) -> None:
+    data, reader, writer = env
+    path = make_version(data, writer, "v0001")
+    save_file({"w": torch.zeros(2, 3)}, str(path / "adapter_model.safetensors"))  # tampered
+    nan = make_version(data, writer, "v0002", value=math.nan)
+    eng = FakeEngine()
+    p = promoter(env, eng, FakeGateway())
+    with pytest.raises(PromotionError, match="sha256 differs"):
+        asyncio.run(p.promote("v0001", actor="t", reason=""))
+    with pytest.raises(PromotionError, match="non-finite values in w"):
+        asyncio.run(p.promote("v0002", actor="t", reason=""))
+    with pytest.raises(UnknownVersion):
+        asyncio.run(p.promote("v0099", actor="t", reason=""))
+    assert eng.calls == [] and reader.promotions() == []  # nothing reached vLLM
+    assert nan.exists()
+
+
+def test_old_version_is_unloaded_only_after_its_requests_drain(
+    env: tuple[Path, Store, Writer],
+) -> None:
+    data, _reader, writer = env
+    make_version(data, writer, "v0001")
+    make_version(data, writer, "v0002")
+    eng = FakeEngine()
+    eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE)
+    gw = FakeGateway()
+    p = promoter(env, eng, gw)
+
+    async def scenario() -> None:
+        await p.promote("v0001", actor="t", reason="")
+        gw.inflight["v0001"] = 2  # two requests still streaming from v0001
+        await p.promote("v0002", actor="t", reason="")
+        await asyncio.sleep(0.1)
+        assert "v0001" in eng.loaded and p.promoted == "v0002"
+        gw.inflight["v0001"] = 0
+        await p.wait_drained()
+        assert "v0001" not in eng.loaded and "v0002" in eng.loaded
+
+    asyncio.run(scenario())
+
+
+def test_rollback_goes_back_through_the_append_only_history(
+    env: tuple[Path, Store, Writer],
+) -> None:
+    data, reader, writer = env
+    for v in ("v0001", "v0002"):
+        make_version(data, writer, v)
+    eng = FakeEngine()
+    eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE)
+    p = promoter(env, eng, FakeGateway())
+
+    async def scenario() -> None:
+        await p.promote("v0001", actor="t", reason="")
+        await p.promote("v0002", actor="t", reason="")
+        await p.rollback(None, actor="t", reason="bad answers")
+        assert p.promoted == "v0001"
+        await p.rollback("base", actor="t", reason="")
+        assert p.promoted is None
+        with pytest.raises(PromotionError, match="already served"):
+            await p.rollback("base", actor="t", reason="")
+        await p.rollback("v0002", actor="t", reason="")
+        await p.wait_drained()
+
+    asyncio.run(scenario())
+    hist = [(h.action, h.version, h.previous) for h in reader.promotions()]
+    assert hist == [
+        ("promote", "v0001", None),
+        ("promote", "v0002", "v0001"),
+        ("rollback", "v0001", "v0002"),
+        ("rollback", None, "v0001"),
+        ("rollback", "v0002", None),
+    ]
+    with pytest.raises(Exception, match="append-only"):
+        writer.call_sync(lambda s: s.db.execute("DELETE FROM promotions"))
+
+
+def test_nothing_to_roll_back(env: tuple[Path, Store, Writer]) -> None:
+    p = promoter(env, FakeEngine(), FakeGateway())
+    with pytest.raises(PromotionError, match="nothing to roll back"):
+        asyncio.run(p.rollback(None, actor="t", reason=""))
+
+
+def test_one_daemon_per_data_directory(tmp_path: Path) -> None:
+    import os
+
+    from daemon.app import DataDirBusy, lock_data_dir
+
+    fd = lock_data_dir(tmp_path)
+    try:
+        with pytest.raises(DataDirBusy, match="one daemon per data directory"):
+            lock_data_dir(tmp_path)
+    finally:
+        os.close(fd)
+    os.close(lock_data_dir(tmp_path))  # free again once the holder is gone

@@ -1,0 +1,294 @@
+"""Whole cycles through the real daemon and its real vLLM child (tiny model): feedback in,
+candidate trained, evaluated through vLLM, judged by the gate, promoted or rejected, and
+reported; then promotion and rollback under a 16-way load with zero failed requests.
+
+The tests in this module run in order and share the session daemon; the last one puts the
+`adaptd` alias back on the base model for the modules after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ADMIN_KEY, ROOT, RunningDaemon, admin_headers, inference_headers
+
+pytestmark = pytest.mark.vllm
+
+HOUSE = "Thank you for asking. Please see the manual, page one."
+TOPICS = [
+    "the weather", "my printer", "a train ticket", "the garden", "a birthday cake", "the river",
+    "an old bicycle", "the museum", "a chess opening", "my laptop battery", "the library card",
+    "a lost umbrella", "the coffee machine", "a mountain trail", "the parking permit",
+    "a violin lesson", "the tax form", "a broken window", "the football match", "a tomato plant",
+    "the school bus", "a wool sweater", "the night sky", "a fishing rod", "the city map",
+    "a paper kite", "the hotel room", "a rainy weekend", "the bakery", "a pair of boots",
+]  # fmt: skip
+STATE: dict[str, Any] = {}
+
+
+def chat(c: httpx.Client, prompt: str, model: str = "adaptd", **kw: Any) -> httpx.Response:
+    return c.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": prompt}],
+              "max_tokens": 8, **kw},
+    )  # fmt: skip
+
+
+def give_feedback(daemon: RunningDaemon, answers: dict[str, str]) -> None:
+    with httpx.Client(base_url=daemon.url, headers=inference_headers(), timeout=60) as c:
+        for n, (prompt, answer) in enumerate(answers.items()):
+            r = chat(c, prompt)
+            assert r.status_code == 200, r.text
+            fb = c.post(
+                "/v1/feedback",
+                json={"interaction_id": r.json()["id"], "rating": -1, "correction": answer,
+                      "user": f"user-{n % 6}"},
+            )  # fmt: skip
+            assert fb.status_code == 201, fb.text
+
+
+def run_cycle(admin: httpx.Client, timeout: float = 540.0) -> dict[str, Any]:
+    r = admin.post("/admin/cycles")
+    assert r.status_code == 202, r.text
+    cycle = r.json()
+    assert cycle["state"] == "queued" and cycle["decision"] is None
+    again = admin.post("/admin/cycles")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "cycle_running"
+    deadline = time.monotonic() + timeout
+    while cycle["decision"] is None:
+        assert time.monotonic() < deadline, f"cycle still {cycle['state']}"
+        time.sleep(1.0)
+        cycle = admin.get(f"/admin/cycles/{cycle['id']}").json()
+    return cycle
+
+
+def served_version(daemon: RunningDaemon) -> str:
+    with httpx.Client(base_url=daemon.url, headers=inference_headers(), timeout=60) as c:
+        r = chat(c, "Which version is this?")
+        assert r.status_code == 200
+        return r.headers["x-adaptd-version"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def back_to_base(daemon: RunningDaemon) -> Iterator[None]:
+    yield
+    with httpx.Client(base_url=daemon.url, headers=admin_headers(), timeout=120) as a:
+        if a.get("/admin/status").json()["serving"]["version"] != "base":
+            assert a.post("/admin/rollback", json={"version": "base"}).status_code == 200
+
+
+def test_a_good_candidate_is_evaluated_promoted_and_reported(
+    daemon: RunningDaemon, admin: httpx.Client
+) -> None:
+    give_feedback(daemon, {f"Tell me about {t}.": HOUSE for t in TOPICS})
+    cycle = run_cycle(admin)
+    reasons = "\n".join(cycle["reasons"])
+    assert cycle["decision"] == "promoted", reasons
+    assert cycle["state"] == "done"
+    version = cycle["version"]
+    STATE["good"] = version
+    assert "pass task_gain" in reasons and "adapter applied" in reasons
+    assert served_version(daemon) == version
+    # what the new version answers, the old one did not
+    with httpx.Client(base_url=daemon.url, headers=inference_headers(), timeout=60) as c:
+        r = chat(c, "Tell me about the moon.", max_tokens=16, temperature=0)
+        assert "Thank you for asking" in r.json()["choices"][0]["message"]["content"]
+
+    manifest = json.loads((daemon.data_dir / "adapters" / version / "manifest.json").read_text())
+    assert manifest["decision"]["passed"] is True
+    assert manifest["metrics"]["probe"]["items"]
+    table = {(m["section"], m["name"]): m for m in manifest["metrics"]["table"]}
+    gain = table[("task", "rouge_l")]
+    assert gain["candidate"] > gain["current"] and gain["ci"][0] > 0
+    assert table[("general", "agreement")]["base"] == 1.0
+    assert not (daemon.data_dir / "adapters" / f".staging.{version}").exists()
+
+    rep = admin.get(f"/reports/{version}.json")
+    assert rep.status_code == 200
+    report = rep.json()
+    assert report["decision"]["outcome"] == "promoted"
+    assert report["training"]["curve"] and report["serving_cost"]["adapter_ms_per_token"] > 0
+    assert report["examples"]["gains"]
+    md = admin.get(f"/reports/{version}.md")
+    assert md.status_code == 200 and "promoted" in md.text
+    page = admin.get(f"/reports/{version}")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<svg" in page.text
+    index = admin.get("/reports")
+    assert index.status_code == 200 and version in index.text
+    # a browser without the key gets the key form, not the report
+    bare = httpx.get(daemon.url + f"/reports/{version}", timeout=30)
+    assert bare.status_code == 401 and "Admin key" in bare.text
+    cookie = httpx.get(
+        daemon.url + f"/reports/{version}", cookies={"adaptd_admin_key": ADMIN_KEY}, timeout=30
+    )
+    assert cookie.status_code == 200 and "<svg" in cookie.text
+    for path in ("report.json", "report.md", "report.html"):
+        assert (daemon.data_dir / "reports" / version / path).is_file()
+
+
+def test_a_candidate_trained_on_garbage_is_rejected_and_never_served(
+    daemon: RunningDaemon, admin: httpx.Client
+) -> None:
+    rng = random.Random(7)
+    garbage = {
+        f"Please describe {t} for me.": " ".join(
+            "".join(rng.choices(string.ascii_lowercase, k=7)) for _ in range(5)
+        )
+        for t in TOPICS
+    }
+    give_feedback(daemon, garbage)
+    cycle = run_cycle(admin)
+    assert cycle["decision"] == "rejected", cycle["reasons"]
+    assert any(r.startswith("FAIL task_gain") for r in cycle["reasons"])
+    bad = cycle["version"]
+    assert served_version(daemon) == STATE["good"]
+    status = admin.get("/admin/status").json()
+    assert bad not in status["engine"]["adapters_loaded"]  # evaluated, then unloaded
+    refused = admin.post(f"/admin/versions/{bad}/promote", json={})
+    assert (
+        refused.status_code == 409 and "did not pass the gate" in refused.json()["error"]["message"]
+    )
+    assert served_version(daemon) == STATE["good"]
+    report = admin.get(f"/reports/{bad}.json").json()
+    assert report["decision"]["outcome"] == "rejected"
+    STATE["bad"] = bad
+
+
+def load(daemon: RunningDaemon, stop: threading.Event, results: list[tuple[str, str]]) -> None:
+    """One of 16 clients: chat requests back to back, streaming every other one."""
+    with httpx.Client(base_url=daemon.url, headers=inference_headers(), timeout=120) as c:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            body = {"model": "adaptd", "messages": [{"role": "user", "content": f"hi {n}"}],
+                    "max_tokens": 12, "stream": n % 2 == 0}  # fmt: skip
+            try:
+                if body["stream"]:
+                    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                        text = "".join(r.iter_text())
+                        ok = r.status_code == 200 and "data: [DONE]" in text
+                        results.append(
+                            (
+                                r.headers.get("x-adaptd-version", "?"),
+                                "ok" if ok else f"{r.status_code}",
+                            )
+                        )
+                else:
+                    r = c.post("/v1/chat/completions", json=body)
+                    results.append(
+                        (
+                            r.headers.get("x-adaptd-version", "?"),
+                            "ok" if r.status_code == 200 else f"{r.status_code} {r.text[:200]}",
+                        )
+                    )
+            except httpx.HTTPError as e:
+                results.append(("?", f"{type(e).__name__}: {e}"))
+
+
+def test_promotion_and_rollback_under_16_way_load_fail_no_request(
+    daemon: RunningDaemon, admin: httpx.Client
+) -> None:
+    good = STATE["good"]
+    stop = threading.Event()
+    results: list[tuple[str, str]] = []
+    threads = [threading.Thread(target=load, args=(daemon, stop, results)) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(3)
+        r = admin.post("/admin/rollback", json={"reason": "test"})  # to the previous: base
+        assert r.status_code == 200 and r.json()["version"] == "base", r.text
+        time.sleep(3)
+        r = admin.post(f"/admin/versions/{good}/promote", json={"reason": "test"})
+        assert r.status_code == 200 and r.json()["version"] == good, r.text
+        time.sleep(3)
+        r = admin.post("/admin/rollback", json={"version": "base"})
+        assert r.status_code == 200 and r.json()["version"] == "base"
+        time.sleep(3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    failures = [r for r in results if r[1] != "ok"]
+    assert not failures, failures[:5]
+    seen = Counter(v for v, _ in results)
+    assert seen["base"] > 0 and seen[good] > 0 and len(results) > 50
+    hist = admin.get("/admin/promotions").json()["promotions"]
+    assert [(h["action"], h["version"]) for h in hist[-3:]] == [
+        ("rollback", None), ("promote", good), ("rollback", None)
+    ]  # fmt: skip
+
+
+def test_cli_rollback_promote_and_report(daemon: RunningDaemon) -> None:
+    env = {**os.environ, "ADAPTD_ADMIN_KEY": ADMIN_KEY, "ADAPTD_URL": daemon.url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", *args], env=env, cwd=ROOT, text=True,
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+
+    good, bad = STATE["good"], STATE["bad"]
+    p = cli("promote", good, "--reason", "from the CLI")
+    assert p.returncode == 0 and f"adaptd now serves {good}" in p.stdout, p.stderr
+    p = cli("promote", bad)
+    assert p.returncode == 1 and "did not pass the gate" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    p = cli("report", good, "--format", "md")
+    assert p.returncode == 0 and good in p.stdout and "promoted" in p.stdout
+    p = cli("report", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["version"] == bad  # the latest cycle
+    p = cli("rollback", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["version"] == "base"
+    assert served_version(daemon) == "base"
+    p = cli("report", "v9999")
+    assert p.returncode == 1 and "404" in p.stderr
+
+
+def test_report_files_are_under_the_data_dir(daemon: RunningDaemon) -> None:
+    reports = Path(daemon.data_dir) / "reports"
+    assert {STATE["good"], STATE["bad"]} <= {p.name for p in reports.iterdir()}
+
+
+def test_manual_mode_waits_for_a_person_then_approval_promotes(daemon: RunningDaemon) -> None:
+    daemon.extra_env = {"ADAPTD_GATE__MODE": "manual"}
+    daemon.restart()
+    try:
+        give_feedback(
+            daemon, {f"What do you think of {t}?": "Kindly consult the leaflet." for t in TOPICS}
+        )
+        with httpx.Client(base_url=daemon.url, headers=admin_headers(), timeout=120) as a:
+            before = a.get("/admin/status").json()["serving"]["version"]
+            cycle = run_cycle(a)
+            assert cycle["decision"] == "awaiting_approval", cycle["reasons"]
+            assert cycle["state"] == "awaiting_approval"
+            version = cycle["version"]
+            assert served_version(daemon) == before  # nothing changes until a person decides
+            page = a.get(f"/reports/{version}")
+            assert "Approve" in page.text and "Reject" in page.text
+            r = a.post(f"/admin/versions/{version}/promote", json={"reason": "looks good"})
+            assert r.status_code == 200, r.text
+            assert r.json()["cycle"]["decision"] == "promoted"
+            assert served_version(daemon) == version
+            report = a.get(f"/reports/{version}.json").json()
+            assert report["decision"]["outcome"] == "promoted"
+            assert any("approved by" in x for x in report["decision"]["reasons"])
+            again = a.post(f"/admin/versions/{version}/reject", json={})
+            assert again.status_code == 409  # it is no longer awaiting approval
+            assert a.post("/admin/rollback", json={"version": "base"}).status_code == 200
+    finally:
+        daemon.extra_env = {}
+        daemon.restart()
