@@ -125,6 +125,8 @@ class Daemon:
             reader=self.reader,
             data_dir=settings.data_dir,
             drain_timeout_s=settings.gate.drain_timeout_s,
+            base_model=model_source,
+            max_rank=settings.serving.max_lora_rank,
             on_change=lambda action: self.metrics.promotions.labels(action).inc(),
         )
         self.cycle_deps = CycleDeps(
@@ -391,7 +393,9 @@ class Daemon:
             version = model
         if version is None:
             return Target("base", "base")
-        await self.engine.load_adapter(version, str(self.adapters_dir / version))
+        if version not in self.engine.loaded_adapters:
+            path = await asyncio.to_thread(self.promoter.admit, version)
+            await self.engine.load_adapter(version, str(path))
         if model == "adaptd" and version != self.promoted:
             return await self.resolve(model, caller)  # promoted meanwhile: take the new one
         return Target(version, version)

@@ -39,7 +39,7 @@ from daemon.gate import Decision, Evidence, decide
 from daemon.promotion import Promoter, PromotionError
 from daemon.report import write_report
 from feedback.store import Cycle, Store
-from learners.lora import check_finite
+from learners.lora import admission_problems
 from learners.run import TrainingFailed
 from learners.run import stopping as learner_stopping
 from learners.score import ScoringFailed, score_in_child
@@ -297,7 +297,10 @@ async def judge(deps: CycleDeps, cycle: Cycle, cand: Candidate, *, actor: str) -
     gate = deps.settings.gate
     path = staging_dir(deps.adapters, cand.version)
     cycle = await save(deps, cycle, state="evaluating", version=cand.version)
-    finite, detail = check_finite(path)
+    problems = await asyncio.to_thread(
+        admission_problems, path, deps.base_model, max_rank=deps.settings.serving.max_lora_rank
+    )
+    finite, detail = not problems, "; ".join(problems)
     summary: Summary | None = None
     cost = None
     if finite:
@@ -309,7 +312,7 @@ async def judge(deps: CycleDeps, cycle: Cycle, cand: Candidate, *, actor: str) -
             return await _fail(deps, cycle, f"evaluation failed: {e}", cand)
         evidence = summary.evidence
     else:
-        log.warning("candidate %s has non-finite weights: %s; never loaded", cand.version, detail)
+        log.warning("candidate %s is refused: %s; never loaded", cand.version, detail)
         evidence = Evidence(holdout=0, weights_finite=False, weights_detail=detail)
 
     cycle = await save(deps, cycle, state="deciding")

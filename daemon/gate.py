@@ -3,7 +3,8 @@
 A rejection is a normal result with reasons, never an exception. Every check is
 reported, passed or not, so the stored decision explains itself:
 
-* ``weights``: the adapter's values are all finite (checked before it is ever loaded);
+* ``weights``: the adapter passes admission: no pickle, rank and shapes fit the base model,
+  every value finite (checked on the files before it is ever loaded);
 * ``holdout``: enough held-out feedback to judge the candidate at all;
 * ``task_gain``: ROUGE-L on held-out feedback gains at least ``min_task_gain`` over the
   current version and, with ``require_significant_gain``, the paired bootstrap interval of
@@ -75,7 +76,9 @@ def decide(ev: Evidence, s: GateSettings) -> Decision:
             ev.weights_finite,
             None,
             None,
-            "every adapter value is finite" if ev.weights_finite else ev.weights_detail,
+            "admitted: files, rank, shapes and finite values fit the base model"
+            if ev.weights_finite
+            else ev.weights_detail,
         )
     ]
     if not ev.weights_finite:

@@ -1,7 +1,9 @@
 """Promotion and rollback: load, prove, flip, drain, unload.
 
-1. Admission: the version is registered, its files are where the store says, the adapter
-   file's sha256 is the one recorded when it was written, and every value is finite.
+1. Admission: the version is registered, its folder is directly under ``adapters/`` (links
+   out refused), the adapter file's sha256 is the one recorded when it was written, and
+   `learners.lora.admission_problems` finds nothing: no pickle, rank and target modules and
+   every tensor's shape fit the base model, every value finite.
 2. Load it into vLLM under its own name (a no-op if it is loaded already).
 3. Probe: ask the version, greedy, the prompts on which evaluation saw the candidate's answer
    differ most from the base model's. Its answers must be nearer (ROUGE-L) to what the
@@ -31,7 +33,7 @@ import orjson
 
 from daemon.evaluation import Backend
 from feedback.store import Promotion, Store
-from learners.lora import check_finite
+from learners.lora import admission_problems, check_finite
 from learners.metrics import mean, text_scores
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ class Promoter:
         reader: Store,
         data_dir: Path,
         drain_timeout_s: float,
+        base_model: str | None = None,
+        max_rank: int | None = None,
         on_change: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
@@ -124,6 +128,8 @@ class Promoter:
         self.data_dir = data_dir
         self.drain_timeout_s = drain_timeout_s
         self.on_change = on_change
+        self.base_model = base_model
+        self.max_rank = max_rank
         self.promoted: str | None = reader.promoted_version()
         self._lock = asyncio.Lock()
         self._drains: set[asyncio.Task[None]] = set()
@@ -150,9 +156,13 @@ class Promoter:
             raise PromotionError(
                 f"version {version}'s adapter file changed since it was written (sha256 differs)"
             )
-        finite, detail = check_finite(path)
-        if not finite:
-            raise PromotionError(f"version {version} is unusable: {detail}")
+        if self.base_model is not None:
+            problems = admission_problems(path, self.base_model, max_rank=self.max_rank)
+        else:
+            finite, detail = check_finite(path)
+            problems = [] if finite else [detail]
+        if problems:
+            raise PromotionError(f"version {version} is refused: {'; '.join(problems)}")
         return path
 
     async def probe(self, version: str, path: Path) -> ProbeResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,3 +138,99 @@ def use_adapter(model: Any, name: str | None) -> Any:
         return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
     model.set_adapter(name)
     return contextlib.nullcontext()
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
+_EXTRA_ALLOWED = {"manifest.json", "README.md"}
+
+
+@functools.lru_cache(maxsize=4)
+def _linear_shapes(base: str) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every linear layer of the base model, from its config
+    alone: the model is built on the meta device, no weights are read."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+
+
+def admission_problems(adapter_dir: Path, base: str, *, max_rank: int | None = None) -> list[str]:
+    """Everything wrong with an adapter folder before it goes anywhere near vLLM:
+
+    * files: ``adapter_config.json`` and ``adapter_model.safetensors`` present, no pickle-based
+      weight file anywhere (vLLM and PEFT would read ``adapter_model.bin``), no link that leads
+      out of the folder; besides them only ``manifest.json`` and the ``state/`` folder;
+    * config: LoRA, rank within ``max_rank``, target modules that exist in the base model;
+    * tensors: every name maps to a linear layer of the base model, ``lora_A`` is
+      ``[rank, in_features]`` and ``lora_B`` ``[out_features, rank]``, every value finite.
+    An empty list means admitted.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    problems: list[str] = []
+    root = adapter_dir.resolve()
+    for p in adapter_dir.rglob("*"):
+        if p.is_symlink() and not p.resolve().is_relative_to(root):
+            problems.append(f"{p.relative_to(adapter_dir)} links outside the folder")
+        if p.suffix.lower() in _PICKLE_SUFFIXES:
+            problems.append(f"{p.relative_to(adapter_dir)} is a pickle-based file; refused")
+    for p in adapter_dir.iterdir():
+        if p.is_file() and p.name not in (*ADAPTER_FILES, *_EXTRA_ALLOWED):
+            problems.append(f"unexpected file {p.name}")
+        elif p.is_dir() and p.name != "state":
+            problems.append(f"unexpected folder {p.name}/")
+    for name in ADAPTER_FILES:
+        if not (adapter_dir / name).is_file():
+            problems.append(f"{name} is missing")
+    if problems:
+        return problems
+
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"adapter_config.json is unreadable: {e}"]
+    if cfg.get("peft_type", "LORA") != "LORA":
+        return [f"not a LoRA adapter (peft_type {cfg.get('peft_type')!r})"]
+    rank = cfg.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        return [f"rank {rank!r} is not a positive integer"]
+    ranks = [rank, *(cfg.get("rank_pattern") or {}).values()]
+    if max_rank is not None and max(ranks) > max_rank:
+        problems.append(f"rank {max(ranks)} exceeds the server's max_lora_rank {max_rank}")
+
+    shapes = _linear_shapes(base)
+    leaves = {n.rsplit(".", 1)[-1] for n in shapes}
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    missing = [t for t in targets if t not in leaves and t != "all-linear"]
+    if missing:
+        problems.append(f"target modules {missing} are not linear layers of the base model")
+
+    bad_values: list[str] = []
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            module, sep, part = key.partition(".lora_")
+            name = module.removeprefix("base_model.model.")
+            if not sep or name not in shapes:
+                problems.append(f"tensor {key} matches no linear layer of the base model")
+                continue
+            fan_in, fan_out = shapes[name]
+            shape = tuple(f.get_slice(key).get_shape())
+            if part.startswith("A") and (len(shape) != 2 or shape[1] != fan_in):
+                problems.append(f"{key} has shape {list(shape)}; expected [rank, {fan_in}]")
+            if part.startswith("B") and (len(shape) != 2 or shape[0] != fan_out):
+                problems.append(f"{key} has shape {list(shape)}; expected [{fan_out}, rank]")
+            if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                bad_values.append(key)
+    if bad_values:
+        more = f" and {len(bad_values) - 3} more" if len(bad_values) > 3 else ""
+        problems.append(f"non-finite values in {', '.join(bad_values[:3])}{more}")
+    return problems

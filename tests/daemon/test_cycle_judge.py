@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from tinymodel import make_random_adapter
 
 from daemon.candidate import Candidate, staging_dir
 from daemon.config import load_settings
@@ -32,14 +32,15 @@ class NoDrain:
         return True
 
 
-def staged_candidate(adapters: Path, version: str, value: float) -> Candidate:
+def staged_candidate(adapters: Path, version: str, value: float, tiny_model: Path) -> Candidate:
     path = staging_dir(adapters, version)
-    (path / "state").mkdir(parents=True)
-    (path / "adapter_config.json").write_text("{}")
-    save_file(
-        {"base_model.model.layers.0.q_proj.lora_A.weight": torch.full((2, 4), value)},
-        str(path / "adapter_model.safetensors"),
-    )
+    make_random_adapter(tiny_model, path)
+    (path / "README.md").unlink(missing_ok=True)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = value
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "state").mkdir()
     manifest = {"version": version, "created_at": 1.0, "parent": None,
                 "files": {"adapter_model.safetensors": "x"}, "metrics": {"training": {}}}  # fmt: skip
     (path / "manifest.json").write_text(json.dumps(manifest))
@@ -47,7 +48,9 @@ def staged_candidate(adapters: Path, version: str, value: float) -> Candidate:
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_non_finite_candidate_is_rejected_without_touching_vllm(tmp_path: Path, bad: float) -> None:
+def test_non_finite_candidate_is_rejected_without_touching_vllm(
+    tmp_path: Path, tiny_model: Path, bad: float
+) -> None:
     settings = load_settings(data_dir=tmp_path)
     store = Store(settings.db_path)
     store.migrate()
@@ -58,13 +61,14 @@ def test_non_finite_candidate_is_rejected_without_touching_vllm(tmp_path: Path, 
         engine=engine, gateway=NoDrain(), writer=writer, reader=reader,  # type: ignore[arg-type]
         data_dir=tmp_path, drain_timeout_s=1,
     )  # fmt: skip
-    deps = CycleDeps(settings, "tiny", reader, writer, engine, promoter, tokenizer=lambda: None)  # type: ignore[arg-type]
-    cand = staged_candidate(deps.adapters, "v0001", bad)
+    deps = CycleDeps(settings, str(tiny_model), reader, writer, engine, promoter,  # type: ignore[arg-type]
+                     tokenizer=lambda: None)  # fmt: skip
+    cand = staged_candidate(deps.adapters, "v0001", bad, tiny_model)
     cycle = asyncio.run(deps.writer.call(lambda s: s.put_cycle(new_cycle("test"))))
     done = asyncio.run(judge(deps, cycle, cand, actor="test"))
     try:
         assert done.state == "rejected" and done.decision == "rejected"
-        assert done.reasons[0].startswith("FAIL weights: non-finite values in")
+        assert done.reasons[0].startswith("FAIL weights: non-finite values in"), done.reasons
         assert promoter.promoted is None and reader.promotions() == []
         final = deps.adapters / "v0001"
         assert final.is_dir() and not staging_dir(deps.adapters, "v0001").exists()
