@@ -263,9 +263,15 @@ def test_report_files_are_under_the_data_dir(daemon: RunningDaemon) -> None:
     assert {STATE["good"], STATE["bad"]} <= {p.name for p in reports.iterdir()}
 
 
-def test_manual_mode_waits_for_a_person_then_approval_promotes(daemon: RunningDaemon) -> None:
+def test_manual_mode_waits_for_a_person_then_approval_promotes(
+    daemon: RunningDaemon, tmp_path: Path
+) -> None:
+    # A data directory of its own: the shared one holds the garbage feedback of the test above.
+    shared = daemon.data_dir
     daemon.extra_env = {"ADAPTD_GATE__MODE": "manual"}
-    daemon.restart()
+    daemon.stop()
+    daemon.data_dir = tmp_path / "data"
+    daemon.start()
     try:
         give_feedback(
             daemon, {f"What do you think of {t}?": "Kindly consult the leaflet." for t in TOPICS}
@@ -291,4 +297,6 @@ def test_manual_mode_waits_for_a_person_then_approval_promotes(daemon: RunningDa
             assert a.post("/admin/rollback", json={"version": "base"}).status_code == 200
     finally:
         daemon.extra_env = {}
-        daemon.restart()
+        daemon.stop()
+        daemon.data_dir = shared
+        daemon.start()
