@@ -74,7 +74,9 @@ def wait_state(daemon: RunningDaemon, cid: str, state: str, timeout: float = 300
         c = cycle_of(daemon, cid)
         if c["state"] == state:
             return
-        assert c["state"] not in TERMINAL, f"cycle ended {c['state']} before {state}: {c['reasons']}"
+        assert c["state"] not in TERMINAL, (
+            f"cycle ended {c['state']} before {state}: {c['reasons']}"
+        )
         time.sleep(0.1)
     raise AssertionError(f"cycle {cid} never reached {state}")
 
@@ -93,7 +95,9 @@ def kill(daemon: RunningDaemon, sig: int = signal.SIGKILL) -> None:
     wait_for(lambda: not any(alive(p) for p in tree), 60, "every child of the daemon to go")
 
 
-def finish(daemon: RunningDaemon, cid: str, resumed_from: str, timeout: float = 400) -> dict[str, Any]:
+def finish(
+    daemon: RunningDaemon, cid: str, resumed_from: str, timeout: float = 400
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     c = cycle_of(daemon, cid)
     while c["state"] not in TERMINAL:
