@@ -207,6 +207,18 @@ async def build_replay(
     )
 
 
+def parent_ewc_state(parent_state: Path | None, *, warm_start: bool) -> Path | None:
+    """The parent's EWC state, when training continues from the parent's adapter.
+
+    EWC holds the adapter near the weights it anchors; a fresh adapter (warm start off) anchored
+    to the parent's weights would be pulled back to the parent's behaviour, so it starts with
+    the first-cycle anchor instead."""
+    if not warm_start or parent_state is None:
+        return None
+    path = parent_state / "ewc.safetensors"
+    return path if path.exists() else None
+
+
 def train_settings(cfg: TrainingSettings) -> TrainSettings:
     return TrainSettings(
         lora=LoraSettings(
@@ -437,11 +449,7 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
         )
         else None
     )
-    ewc_state = (
-        parent_state / "ewc.safetensors"
-        if parent_state and (parent_state / "ewc.safetensors").exists()
-        else None
-    )
+    ewc_state = parent_ewc_state(parent_state, warm_start=warm is not None)
     job = TrainJob(
         base_model=inp.base_model,
         work_dir=work,

@@ -39,6 +39,9 @@ from learners.metrics import mean, text_scores
 log = logging.getLogger(__name__)
 
 
+PROBE_TOKENS = 16
+
+
 class PromotionError(Exception):
     status = 409
     type = "invalid_request_error"
@@ -175,20 +178,28 @@ class Promoter:
                 "the base model did, so nothing can show that it is applied",
             )
         items = rec["items"]
-        answers = [
-            str(
-                (
-                    await self.engine.generate(
-                        it["messages"],
-                        model=version,
-                        max_tokens=int(rec.get("max_tokens") or 64),
-                        temperature=0.0,
-                    )
-                ).text
+        # Short answers, asked at once: promotion waits on these under live traffic.
+        gens = await asyncio.gather(
+            *(
+                self.engine.generate(
+                    it["messages"],
+                    model=version,
+                    max_tokens=min(PROBE_TOKENS, int(rec.get("max_tokens") or PROBE_TOKENS)),
+                    temperature=0.0,
+                )
+                for it in items
             )
-            for it in items
-        ]
-        return judge_probe(answers, [it["candidate"] for it in items], [it["base"] for it in items])
+        )
+        answers = [str(g.text) for g in gens]
+
+        def prefix(ref: str, like: str) -> str:  # the evaluated answer, cut to the probe's length
+            return " ".join(ref.split()[: max(1, len(like.split()))])
+
+        return judge_probe(
+            answers,
+            [prefix(it["candidate"], a) for it, a in zip(items, answers, strict=True)],
+            [prefix(it["base"], a) for it, a in zip(items, answers, strict=True)],
+        )
 
     async def promote(
         self, version: str | None, *, actor: str, reason: str, action: str = "promote"

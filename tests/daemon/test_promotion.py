@@ -243,3 +243,14 @@ def test_one_daemon_per_data_directory(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     os.close(lock_data_dir(tmp_path))  # free again once the holder is gone
+
+
+def test_a_fresh_adapter_is_not_anchored_to_its_parent(tmp_path: Path) -> None:
+    # A cold-started candidate once trained under the parent's EWC anchor and relearned the
+    # parent's style instead of the new feedback (seen in benchmarks/hotswap.py).
+    from daemon.candidate import parent_ewc_state
+
+    (tmp_path / "ewc.safetensors").write_bytes(b"x")
+    assert parent_ewc_state(tmp_path, warm_start=True) == tmp_path / "ewc.safetensors"
+    assert parent_ewc_state(tmp_path, warm_start=False) is None
+    assert parent_ewc_state(None, warm_start=True) is None

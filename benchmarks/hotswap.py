@@ -1,0 +1,317 @@
+"""Hot-swap benchmark: promotion and rollback under a 16-way streaming load.
+
+Starts `adaptd serve` on a tiny model built in code (or `--model DIR`), makes two versions
+with real cycles (feedback in a house style, then another), then swaps the `adaptd` alias
+between them (promote / rollback) while 16 clients stream chat completions back to back.
+
+Measured per swap:
+* decision → first token from the new version: from sending the promote / rollback request
+  to the first streamed token of a request that the new version answers
+  (`x-adaptd-version`), whichever client sent it;
+* failed requests (any non-200 answer, a stream without `[DONE]`, a transport error);
+* latency (time to the last token) of the requests that overlap a swap window, against the
+  steady-state requests before the first swap: p99 ratio.
+
+Targets (issue 4): p95 decision → first token <= 1 s on CPU, zero failures, p99 during swaps
+<= 1.2x steady state. Prints a table; writes `docs/results/hotswap-<machine>.json`.
+
+    .venv/bin/python benchmarks/hotswap.py [--swaps 20] [--clients 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+ADMIN = "bench-admin-key"
+INFER = "bench-inference-key"
+TOPICS = [
+    "the weather", "my printer", "a train ticket", "the garden", "a birthday cake", "the river",
+    "an old bicycle", "the museum", "a chess opening", "my laptop battery", "the library card",
+    "a lost umbrella", "the coffee machine", "a mountain trail", "the parking permit",
+    "a violin lesson", "the tax form", "a broken window", "the football match", "a tomato plant",
+]  # fmt: skip
+STYLES = [
+    "Thank you for asking. Please see the manual, page one.",
+    "Good question! The help desk on floor two knows best.",
+]
+
+
+@dataclass
+class Request:
+    start: float
+    first_token: float | None
+    end: float
+    version: str
+    ok: bool
+    error: str = ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def start_daemon(model: Path, data: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTD_")}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        ADAPTD_API_KEYS=INFER,
+        ADAPTD_ADMIN_KEYS=ADMIN,
+        ADAPTD_SERVING__MAX_MODEL_LEN="512",
+        ADAPTD_SERVING__MAX_LORA_RANK="8",
+        ADAPTD_SERVING__MAX_LORAS="2",
+        ADAPTD_TRAINING__RANK="8",
+        ADAPTD_TRAINING__ALPHA="16",
+        ADAPTD_TRAINING__LEARNING_RATE="5e-3",
+        ADAPTD_TRAINING__MAX_LEN="128",
+        ADAPTD_TRAINING__BATCH_TOKENS="512",
+        ADAPTD_TRAINING__MIN_STEPS="30",
+        ADAPTD_TRAINING__MAX_STEPS="40",
+        # two independent versions to swap between: each trained fresh on its own style
+        ADAPTD_TRAINING__WARM_START="false",
+        ADAPTD_TRAINING__EWC_LAMBDA="0",
+        ADAPTD_REPLAY__RATIO="0",
+        ADAPTD_REPLAY__SELF_MAX_TOKENS="16",
+        ADAPTD_EVALUATION__MAX_TOKENS="24",
+        ADAPTD_GATE__MAX_GENERAL_REGRESSION="10",
+        ADAPTD_GATE__MAX_RETENTION_LOSS="1",
+        ADAPTD_GATE__MIN_HOLDOUT="2",
+    )
+    cmd = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(model), "--data-dir",
+           str(data), "--port", str(port)]  # fmt: skip
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"adaptd exited with status {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise SystemExit("adaptd did not become ready")
+
+
+def make_version(url: str, style: str, n: int) -> str:
+    hdr = {"Authorization": f"Bearer {INFER}"}
+    with httpx.Client(base_url=url, headers=hdr, timeout=120) as c:
+        for i, topic in enumerate(TOPICS):
+            r = c.post("/v1/chat/completions", json={
+                "model": "adaptd", "max_tokens": 8,
+                "messages": [{"role": "user", "content": f"Question {n}: tell me about {topic}."}]})  # fmt: skip
+            r.raise_for_status()
+            c.post("/v1/feedback", json={"interaction_id": r.json()["id"], "correction": style,
+                                         "user": f"user-{i % 6}"}).raise_for_status()  # fmt: skip
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as a:
+        cycle = a.post("/admin/cycles").json()
+        print(f"  cycle {cycle['id']} started", file=sys.stderr)
+        while cycle["decision"] is None:
+            time.sleep(2)
+            cycle = a.get(f"/admin/cycles/{cycle['id']}").json()
+        if cycle["decision"] != "promoted":
+            raise SystemExit(f"cycle {cycle['id']}: {cycle['decision']}: {cycle['reasons']}")
+        print(f"  {cycle['version']} promoted", file=sys.stderr)
+        return str(cycle["version"])
+
+
+def client(url: str, stop: threading.Event, out: list[Request], lock: threading.Lock) -> None:
+    hdr = {"Authorization": f"Bearer {INFER}"}
+    n = 0
+    with httpx.Client(base_url=url, headers=hdr, timeout=120) as c:
+        while not stop.is_set():
+            n += 1
+            body = {"model": "adaptd", "max_tokens": 16, "stream": True,
+                    "messages": [{"role": "user", "content": f"Hello number {n}"}]}  # fmt: skip
+            t0 = time.perf_counter()
+            first = None
+            version, ok, err = "?", False, ""
+            try:
+                with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    version = r.headers.get("x-adaptd-version", "?")
+                    done = False
+                    for line in r.iter_lines():
+                        if first is None and line.startswith("data: {"):
+                            first = time.perf_counter()
+                        if line == "data: [DONE]":
+                            done = True
+                    ok = r.status_code == 200 and done
+                    err = "" if ok else f"status {r.status_code}, done={done}"
+            except httpx.HTTPError as e:
+                err = f"{type(e).__name__}: {e}"
+            with lock:
+                out.append(Request(t0, first, time.perf_counter(), version, ok, err))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="a model folder (default: a tiny model built in code)")
+    ap.add_argument("--swaps", type=int, default=20)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--steady-s", type=float, default=15.0)
+    ap.add_argument("--gap-s", type=float, default=3.0, help="seconds between swaps")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "hotswap-cpu.json"))
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="adaptd-hotswap-"))
+    if args.model:
+        model = Path(args.model)
+    else:
+        from tinymodel import build_tiny_model
+
+        model = build_tiny_model(work / "tiny-model")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_daemon(model, work / "data", port, work / "adaptd.log")
+    try:
+        print(f"starting adaptd ({model.name}); log {work / 'adaptd.log'}", file=sys.stderr)
+        wait_ready(url, proc)
+        versions = [make_version(url, style, i) for i, style in enumerate(STYLES)]
+        results = measure(url, versions, args)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "model": "tiny (built in code)" if not args.model else args.model}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"results: {args.out}", file=sys.stderr)
+
+
+def measure(url: str, versions: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    stop, lock = threading.Event(), threading.Lock()
+    reqs: list[Request] = []
+    threads = [
+        threading.Thread(target=client, args=(url, stop, reqs, lock)) for _ in range(args.clients)
+    ]
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    t_begin = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(args.steady_s)
+    swaps: list[dict[str, Any]] = []
+    served = versions[-1]
+    for i in range(args.swaps):
+        target = versions[i % 2]  # v1, v2, v1, ... (the last promoted is v2)
+        t0 = time.perf_counter()
+        if i % 2 == 0:
+            r = admin.post("/admin/rollback", json={"version": target, "reason": "benchmark"})
+        else:
+            r = admin.post(f"/admin/versions/{target}/promote", json={"reason": "benchmark"})
+        t_answer = time.perf_counter()
+        if r.status_code != 200:
+            raise SystemExit(f"swap {i} to {target}: {r.status_code} {r.text}")
+        served = target
+        swaps.append({"to": target, "t0": t0, "api_s": t_answer - t0})
+        print(f"  swap {i + 1}/{args.swaps} to {target}: {1000 * (t_answer - t0):.0f} ms",
+              file=sys.stderr)  # fmt: skip
+        time.sleep(args.gap_s)
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    admin.close()
+    del served
+
+    for s in swaps:
+        firsts = [r.first_token for r in reqs
+                  if r.version == s["to"] and r.first_token is not None and r.start >= s["t0"]]  # fmt: skip
+        s["first_token_s"] = (min(firsts) - s["t0"]) if firsts else None
+    steady = [r.end - r.start for r in reqs if r.ok and r.end < t_begin + args.steady_s
+              and r.start > t_begin + 2.0]  # fmt: skip
+    windows = [(s["t0"], s["t0"] + 2.0) for s in swaps]
+    during = [r.end - r.start for r in reqs if r.ok
+              and any(r.start < hi and r.end > lo for lo, hi in windows)]  # fmt: skip
+    failed = [asdict(r) for r in reqs if not r.ok]
+    to_first = [s["first_token_s"] for s in swaps if s["first_token_s"] is not None]
+    return {
+        "clients": args.clients,
+        "swaps": len(swaps),
+        "requests": len(reqs),
+        "failed": len(failed),
+        "failures": failed[:10],
+        "decision_to_first_token_s": {
+            "p50": statistics.median(to_first) if to_first else None,
+            "p95": percentile(to_first, 95),
+            "max": max(to_first) if to_first else None,
+            "missing": len(swaps) - len(to_first),
+        },
+        "swap_api_s": {
+            "p50": statistics.median(s["api_s"] for s in swaps),
+            "p95": percentile([s["api_s"] for s in swaps], 95),
+        },
+        "latency_s": {
+            "steady": {
+                "n": len(steady),
+                "p50": percentile(steady, 50),
+                "p99": percentile(steady, 99),
+            },
+            "during_swaps": {
+                "n": len(during),
+                "p50": percentile(during, 50),
+                "p99": percentile(during, 99),
+            },
+        },
+        "p99_ratio": percentile(during, 99) / percentile(steady, 99) if steady and during else None,
+        "targets": {"decision_to_first_token_p95_s": 1.0, "failed": 0, "p99_ratio": 1.2},
+    }
+
+
+def print_table(r: dict[str, Any]) -> None:
+    d, lat = r["decision_to_first_token_s"], r["latency_s"]
+    rows = [
+        ("swaps under load", f"{r['swaps']} with {r['clients']} streaming clients", ""),
+        ("requests / failed", f"{r['requests']} / {r['failed']}", "0 failed"),
+        ("decision -> first token p50", f"{1000 * d['p50']:.0f} ms", ""),
+        ("decision -> first token p95", f"{1000 * d['p95']:.0f} ms", "<= 1000 ms"),
+        ("promote/rollback call p50", f"{1000 * r['swap_api_s']['p50']:.0f} ms", ""),
+        ("latency p99 steady", f"{1000 * lat['steady']['p99']:.0f} ms (n={lat['steady']['n']})", ""),
+        ("latency p99 during swaps",
+         f"{1000 * lat['during_swaps']['p99']:.0f} ms (n={lat['during_swaps']['n']})", ""),
+        ("p99 during / steady", f"{r['p99_ratio']:.2f}x", "<= 1.20x"),
+    ]  # fmt: skip
+    w = max(len(a) for a, _, _ in rows)
+    v = max(len(b) for _, b, _ in rows)
+    print(f"{'measure'.ljust(w)}  {'value'.ljust(v)}  target")
+    for a, b, c in rows:
+        print(f"{a.ljust(w)}  {b.ljust(v)}  {c}")
+
+
+if __name__ == "__main__":
+    main()
