@@ -29,6 +29,7 @@ import orjson
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel
 
 from daemon.auth import COOKIE, Authenticator, AuthError, Caller, PermissionDenied
 from daemon.candidate import VERSION_RE
@@ -67,6 +68,60 @@ from serving.gateway import (
 from serving.models import ModelError, resolve_model
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, which every error answer has (for the OpenAPI document)."""
+
+    error: ErrorDetail
+
+
+_ERROR_WHY = {
+    400: "invalid request, or a limit exceeded",
+    401: "missing or invalid key",
+    403: "the key may not do this",
+    404: "an unknown model, interaction, version, cycle or report",
+    409: "refused in the current state",
+    413: "the body is over the size limit",
+    422: "invalid body",
+    503: "not ready, or the store is busy: retry",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers of a router, for the OpenAPI document."""
+    return {s: {"model": ErrorBody, "description": _ERROR_WHY[s]} for s in statuses}
+
+
+# A report page without an admin key answers with the key form (HTML), not an error object.
+_KEY_FORM = {"content": {"text/html": {"schema": {"type": "string"}}}}
+_REPORT = {
+    "content": {media: {"schema": {"type": "string"}} for media in ("text/html", "text/markdown")}
+    | {"application/json": {"schema": {"type": "object"}}}
+}
+_HTML: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/html": {"schema": {"type": "string"}}}},
+    401: {**_KEY_FORM, "description": "no key: the key form"},
+    403: {**_KEY_FORM, "description": "not an admin key: the key form"},
+}
+
+
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+
+
+def _body(**props: dict[str, Any]) -> dict[str, Any]:
+    """An optional JSON object body of an admin route, for the OpenAPI document (the route
+    reads the raw body with `_json_body`)."""
+    schema = {"type": "object", "properties": props}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
 
 
 class Daemon:
@@ -320,15 +375,22 @@ class Daemon:
             PromotionError,
             CycleRunning,
             CycleNotFound,
+            BadRequest,
         )
-        app.include_router(self.gateway.router(self.auth.inference))
+        app.include_router(
+            self.gateway.router(self.auth.inference),
+            responses=_errors(400, 401, 403, 404, 413, 503),
+        )
         app.include_router(
             feedback_router(
                 self.writer, auth=self.auth.inference, on_stored=self.metrics.feedback.inc
-            )
+            ),
+            responses=_errors(401, 404, 413, 422, 503),
         )
-        app.include_router(self._admin_router())
-        app.include_router(self._reports_router())
+        app.include_router(
+            self._admin_router(), responses=_errors(400, 401, 403, 404, 409, 413, 422, 503)
+        )
+        app.include_router(self._reports_router(), responses=_errors(404, 413, 422))
         return app
 
     @asynccontextmanager
@@ -500,7 +562,7 @@ class Daemon:
                 media_type="application/json",
             )
 
-        @router.post("/versions/{version}/promote")
+        @router.post("/versions/{version}/promote", openapi_extra=_body(reason=_STR, force=_BOOL))
         async def promote(
             version: str, request: Request, caller: Caller = Depends(self.auth.admin)
         ) -> Response:
@@ -520,7 +582,7 @@ class Daemon:
             )
             return _json(self._alias_state(cycle))
 
-        @router.post("/versions/{version}/reject")
+        @router.post("/versions/{version}/reject", openapi_extra=_body(reason=_STR))
         async def reject(
             version: str, request: Request, caller: Caller = Depends(self.auth.admin)
         ) -> Response:
@@ -539,7 +601,7 @@ class Daemon:
             )
             return _json(self._alias_state(cycle))
 
-        @router.post("/rollback")
+        @router.post("/rollback", openapi_extra=_body(version=_STR, reason=_STR))
         async def rollback(request: Request, caller: Caller = Depends(self.auth.admin)) -> Response:
             body = await _json_body(request)
             target = body.get("version")
@@ -592,13 +654,13 @@ class Daemon:
                 return HTMLResponse(login_page(str(e)), status_code=e.status)
             return None
 
-        @router.get("")
+        @router.get("", response_class=HTMLResponse, responses=_HTML)
         async def index(request: Request) -> Response:
             if (denied := page_auth(request)) is not None:
                 return denied
             return HTMLResponse(render_index(self._report_entries()))
 
-        @router.get("/{name}")
+        @router.get("/{name}", responses={**_HTML, 200: _REPORT})
         async def report(name: str, request: Request) -> Response:
             if (denied := page_auth(request)) is not None:
                 return denied
@@ -630,6 +692,12 @@ class Daemon:
         return out
 
 
+class BadRequest(Exception):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
 class CycleNotFound(Exception):
     status = 404
     type = "invalid_request_error"
@@ -647,9 +715,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        raise PromotionError(f"the body is not valid JSON: {e}") from None
+        raise BadRequest(f"the body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
-        raise PromotionError("the body must be a JSON object")
+        raise BadRequest("the body must be a JSON object")
     return body
 
 

@@ -6,14 +6,95 @@ A 201 is sent only after the writer has committed the item (fsynced WAL).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse
 
-from feedback.schema import parse_batch, parse_item, parse_json
+from feedback.schema import (
+    MAX_BATCH,
+    MAX_MESSAGES,
+    MAX_TAGS,
+    MAX_TEXT,
+    ChatMessage,
+    parse_batch,
+    parse_item,
+    parse_json,
+)
 from feedback.store import Feedback, FeedbackInput, Store
 from feedback.writer import Writer
+
+
+def _openapi_item() -> dict[str, Any]:
+    """A feedback item for the OpenAPI document (the routes read the raw body and check it
+    with `feedback.schema`, which also refuses `interaction_id` together with `messages` or
+    `response`)."""
+    text = {"type": "string", "maxLength": MAX_TEXT}
+    message = {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {
+                "type": "string",
+                "enum": list(get_args(ChatMessage.model_fields["role"].annotation)),
+            },
+            "content": {
+                "anyOf": [text, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]
+            },
+        },
+    }
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "interaction_id": {"type": "string", "minLength": 1, "maxLength": 128},
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_MESSAGES,
+                "items": message,
+            },
+            "response": text,
+            "rating": {"type": "integer", "minimum": -1, "maximum": 1},
+            "correction": text,
+            "comment": text,
+            "user": {"type": "string", "maxLength": 256},
+            "tags": {
+                "type": "array",
+                "maxItems": MAX_TAGS,
+                "items": {"type": "string", "minLength": 1, "maxLength": 64},
+            },
+        },
+        "oneOf": [{"required": ["interaction_id"]}, {"required": ["messages", "response"]}],
+        "anyOf": [
+            {"required": ["rating"]},
+            {"required": ["correction"]},
+            {"required": ["comment"]},
+        ],
+    }
+
+
+def _openapi(body: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}
+
+
+_STORED = {
+    "type": "object",
+    "required": ["id", "interaction_id"],
+    "properties": {"id": {"type": "string"}, "interaction_id": {"type": "string"}},
+}
+_BATCH = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["items"],
+    "properties": {
+        "items": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": _openapi_item()}
+    },
+}
+
+
+def _created(schema: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    return {201: {"content": {"application/json": {"schema": schema}}}}
 
 
 def _store_batch(items: Sequence[FeedbackInput]) -> Callable[[Store], list[Feedback]]:
@@ -31,14 +112,32 @@ def build_router(
     """The feedback routes; ``auth`` is a FastAPI dependency, ``on_stored`` counts items."""
     router = APIRouter(dependencies=[Depends(auth)], tags=["feedback"])
 
-    @router.post("/v1/feedback", status_code=201, response_class=ORJSONResponse)
+    @router.post(
+        "/v1/feedback",
+        status_code=201,
+        response_class=ORJSONResponse,
+        openapi_extra=_openapi(_openapi_item()),
+        responses=_created(_STORED),
+    )
     async def post_feedback(request: Request) -> ORJSONResponse:
         item = parse_item(parse_json(await request.body()))
         (fb,) = await writer.call(_store_batch([item]))
         on_stored(1)
         return ORJSONResponse({"id": fb.id, "interaction_id": fb.interaction_id}, status_code=201)
 
-    @router.post("/v1/feedback/batch", status_code=201, response_class=ORJSONResponse)
+    @router.post(
+        "/v1/feedback/batch",
+        status_code=201,
+        response_class=ORJSONResponse,
+        openapi_extra=_openapi(_BATCH),
+        responses=_created(
+            {
+                "type": "object",
+                "required": ["items"],
+                "properties": {"items": {"type": "array", "items": _STORED}},
+            }
+        ),
+    )
     async def post_feedback_batch(request: Request) -> ORJSONResponse:
         items = parse_batch(parse_json(await request.body()))
         stored = await writer.call(_store_batch(items))

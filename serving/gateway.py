@@ -180,7 +180,107 @@ def validate(body: Any, endpoint: str, limits: Limits) -> dict[str, Any]:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise GatewayError("`stream` must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise GatewayError("`stream_options` must be an object", param="stream_options")
     return body
+
+
+_ROLES = ["system", "user", "assistant", "tool", "developer"]
+_INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
+_TEXT_PARTS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+    },
+}
+
+
+def openapi_request(endpoint: str, limits: Limits) -> dict[str, Any]:
+    """The request body for the OpenAPI document: the route reads the raw body and checks it
+    with `validate`; vLLM checks the sampling parameters. Other OpenAI parameters pass through."""
+    count = {"type": "integer", "minimum": 1}
+    props: dict[str, Any] = {
+        "model": {
+            "type": "string",
+            "minLength": 1,
+            "description": "`adaptd`, `base` or a version name (admin key)",
+        },
+        "max_tokens": {**count, "maximum": limits.max_tokens},
+        "max_completion_tokens": {**count, "maximum": limits.max_tokens},
+        "n": {**count, "maximum": limits.max_n},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "seed": _INT64,
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    }
+    if endpoint == "chat":
+        props["messages"] = {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": limits.max_messages,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "properties": {
+                    "role": {"type": "string", "enum": _ROLES},
+                    "content": {"anyOf": [{"type": "string"}, {"type": "null"}, _TEXT_PARTS]},
+                },
+            },
+        }
+    else:
+        props["prompt"] = {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+            ],
+            "description": "text, texts, or token ids",
+        }
+        props["best_of"] = {**count, "maximum": limits.max_n}
+    required = ["model", "messages" if endpoint == "chat" else "prompt"]
+    schema = {"type": "object", "required": required, "properties": props}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def openai_error(status: int, payload: bytes) -> dict[str, Any]:
+    """vLLM's error answer in OpenAI's shape. vLLM says `"type": "BadRequestError"` (or the
+    status phrase) and `"code": 400`, older versions `{"object": "error", "message": ...}`, and
+    a crash may answer plain text; OpenAI's `type` is a category and its `code` a string."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        data = payload.decode(errors="replace")[:2000]
+    inner = data.get("error", data) if isinstance(data, dict) else data
+    if not isinstance(inner, dict):
+        inner = {} if inner is None else {"message": str(inner)}
+    message = inner.get("message", inner.get("detail"))  # (`detail`: a FastAPI error)
+    param, code = inner.get("param"), inner.get("code")
+    if not isinstance(message, str) or not message:
+        message = f"the model server answered {status}"
+    return {
+        "error": {
+            "message": message,
+            "type": "server_error" if status >= 500 else "invalid_request_error",
+            "param": param if isinstance(param, str) else None,
+            "code": code if isinstance(code, str) else None,
+        }
+    }
+
+
+# A 200 is JSON, or server-sent events with `"stream": true`.
+OPENAPI_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the answer; with `stream`, server-sent events of chunks, then `[DONE]`",
+        "content": {"text/event-stream": {}},
+    }
+}
 
 
 def _params(body: dict[str, Any]) -> dict[str, Any]:
@@ -240,11 +340,19 @@ class Gateway:
     def router(self, auth: Callable[..., Any]) -> APIRouter:
         router = APIRouter(tags=["inference"])
 
-        @router.post("/v1/chat/completions")
+        @router.post(
+            "/v1/chat/completions",
+            openapi_extra=openapi_request("chat", self.limits),
+            responses=OPENAPI_STREAM,
+        )
         async def chat(request: Request, caller: Any = Depends(auth)) -> Response:
             return await self.handle(request, caller, "chat")
 
-        @router.post("/v1/completions")
+        @router.post(
+            "/v1/completions",
+            openapi_extra=openapi_request("completion", self.limits),
+            responses=OPENAPI_STREAM,
+        )
         async def completions(request: Request, caller: Any = Depends(auth)) -> Response:
             return await self.handle(request, caller, "completion")
 
@@ -369,26 +477,8 @@ class Gateway:
         ex.status = "error"
         ex.upstream_status = resp.status
         ex.latency_ms = (time.perf_counter() - t0) * 1000
-        try:
-            err = orjson.loads(payload)
-            ex.output = str((err.get("error") or {}).get("message") or err)[:2000]
-        except orjson.JSONDecodeError:
-            err = {
-                "error": {
-                    "message": payload.decode(errors="replace")[:2000],
-                    "type": "server_error",
-                    "code": None,
-                }
-            }
-            ex.output = err["error"]["message"]
-        if "error" not in err:  # vLLM's older shape: {"object": "error", "message": ...}
-            err = {
-                "error": {
-                    "message": err.get("message", ""),
-                    "type": err.get("type", "invalid_request_error"),
-                    "code": err.get("code"),
-                }
-            }
+        err = openai_error(resp.status, payload)
+        ex.output = err["error"]["message"][:2000]
         self.sink(ex)
         return Response(
             orjson.dumps(err),
@@ -420,7 +510,10 @@ class Gateway:
                 chunk = orjson.loads(payload)
                 if "error" in chunk:
                     ex.status = "error"
-                    yield b"data: " + payload + b"\n\n"
+                    err = chunk["error"]
+                    status = err.get("code") if isinstance(err, dict) else None
+                    status = status if isinstance(status, int) else 500
+                    yield b"data: " + orjson.dumps(openai_error(status, payload)) + b"\n\n"
                     continue
                 usage = chunk.get("usage")
                 if usage:

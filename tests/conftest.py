@@ -73,6 +73,8 @@ def daemon_env(**extra: str) -> dict[str, str]:
         ADAPTD_GATE__MAX_GENERAL_REGRESSION="10",
         ADAPTD_GATE__MIN_HOLDOUT="2",
         ADAPTD_GATE__DRAIN_TIMEOUT_S="30",
+        # cycles start only when a test asks: a long session must not start one on its own
+        ADAPTD_SCHEDULE__ENABLED="false",
     )
     env.update(extra)
     return env

@@ -169,7 +169,7 @@ def test_version_name_needs_admin_key_and_serves_the_adapter(
     with sqlite3.connect(daemon.data_dir / "adaptd.db") as conn:
         conn.execute(
             "INSERT INTO adapter_versions (name, created_at, parent, path, sha256, manifest) VALUES (?, ?, NULL, ?, '', '{}')",
-            [name, time.time(), name],
+            [name, time.time(), f"adapters/{name}"],
         )
     msgs = [{"role": "user", "content": "What is the capital of Peru?"}]
     with pytest.raises(openai.PermissionDeniedError):
