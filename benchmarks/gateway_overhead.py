@@ -952,7 +952,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 *(sys.argv[1:] if argv is None else argv),
             ]
         ),
-        "model": {"name": model_name, "path": str(model_dir)},
+        "model": {"name": model_name, "path": model_dir.name},
         "settings": {
             "requests": args.requests,
             "concurrency": args.concurrency,

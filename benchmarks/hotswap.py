@@ -147,13 +147,15 @@ def make_version(url: str, style: str, n: int) -> str:
         return str(cycle["version"])
 
 
-def client(url: str, stop: threading.Event, out: list[Request], lock: threading.Lock) -> None:
+def client(
+    url: str, stop: threading.Event, out: list[Request], lock: threading.Lock, max_tokens: int = 16
+) -> None:
     hdr = {"Authorization": f"Bearer {INFER}"}
     n = 0
     with httpx.Client(base_url=url, headers=hdr, timeout=120) as c:
         while not stop.is_set():
             n += 1
-            body = {"model": "adaptd", "max_tokens": 16, "stream": True,
+            body = {"model": "adaptd", "max_tokens": max_tokens, "stream": True,
                     "messages": [{"role": "user", "content": f"Hello number {n}"}]}  # fmt: skip
             t0 = time.perf_counter()
             first = None
@@ -220,6 +222,10 @@ def measure(url: str, versions: list[str], args: argparse.Namespace) -> dict[str
     threads = [
         threading.Thread(target=client, args=(url, stop, reqs, lock)) for _ in range(args.clients)
     ]
+    # One more client asking one token at a time: it is never busy for long, so it shows when
+    # the new version starts answering (the 16 loaded clients first finish what they started).
+    watch: list[Request] = []
+    threads.append(threading.Thread(target=client, args=(url, stop, watch, lock, 1)))
     admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     t_begin = time.perf_counter()
     for t in threads:
@@ -250,20 +256,26 @@ def measure(url: str, versions: list[str], args: argparse.Namespace) -> dict[str
     del served
 
     for s in swaps:
-        firsts = [r.first_token for r in reqs
-                  if r.version == s["to"] and r.first_token is not None and r.start >= s["t0"]]  # fmt: skip
-        s["first_token_s"] = (min(firsts) - s["t0"]) if firsts else None
+        for key, pool in (("first_token_s", reqs), ("watch_first_token_s", watch)):
+            firsts = [
+                r.first_token
+                for r in pool
+                if r.version == s["to"] and r.first_token is not None and r.start >= s["t0"]
+            ]
+            s[key] = (min(firsts) - s["t0"]) if firsts else None
+
     steady = [r.end - r.start for r in reqs if r.ok and r.end < t_begin + args.steady_s
               and r.start > t_begin + 2.0]  # fmt: skip
     windows = [(s["t0"], s["t0"] + 2.0) for s in swaps]
     during = [r.end - r.start for r in reqs if r.ok
               and any(r.start < hi and r.end > lo for lo, hi in windows)]  # fmt: skip
-    failed = [asdict(r) for r in reqs if not r.ok]
+    failed = [asdict(r) for r in reqs + watch if not r.ok]
+    watch_first = [s["watch_first_token_s"] for s in swaps if s["watch_first_token_s"] is not None]
     to_first = [s["first_token_s"] for s in swaps if s["first_token_s"] is not None]
     return {
         "clients": args.clients,
         "swaps": len(swaps),
-        "requests": len(reqs),
+        "requests": len(reqs) + len(watch),
         "failed": len(failed),
         "failures": failed[:10],
         "decision_to_first_token_s": {
@@ -271,6 +283,11 @@ def measure(url: str, versions: list[str], args: argparse.Namespace) -> dict[str
             "p95": percentile(to_first, 95),
             "max": max(to_first) if to_first else None,
             "missing": len(swaps) - len(to_first),
+        },
+        "decision_to_first_token_idle_client_s": {
+            "p50": statistics.median(watch_first) if watch_first else None,
+            "p95": percentile(watch_first, 95),
+            "max": max(watch_first) if watch_first else None,
         },
         "swap_api_s": {
             "p50": statistics.median(s["api_s"] for s in swaps),
@@ -300,6 +317,10 @@ def print_table(r: dict[str, Any]) -> None:
         ("requests / failed", f"{r['requests']} / {r['failed']}", "0 failed"),
         ("decision -> first token p50", f"{1000 * d['p50']:.0f} ms", ""),
         ("decision -> first token p95", f"{1000 * d['p95']:.0f} ms", "<= 1000 ms"),
+        ("same, a client not busy, p50",
+         f"{1000 * r['decision_to_first_token_idle_client_s']['p50']:.0f} ms", ""),
+        ("same, a client not busy, p95",
+         f"{1000 * r['decision_to_first_token_idle_client_s']['p95']:.0f} ms", "<= 1000 ms"),
         ("promote/rollback call p50", f"{1000 * r['swap_api_s']['p50']:.0f} ms", ""),
         ("latency p99 steady", f"{1000 * lat['steady']['p99']:.0f} ms (n={lat['steady']['n']})", ""),
         ("latency p99 during swaps",

