@@ -26,15 +26,21 @@ TERMINAL = {"done", "rejected", "awaiting_approval", "failed"}
 
 
 @pytest.fixture(scope="module")
-def paused(daemon: RunningDaemon) -> Iterator[RunningDaemon]:
+def paused(
+    daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningDaemon]:
+    """The shared daemon on a data directory of its own (the shared one holds earlier tests'
+    feedback, garbage included), held 15 s in `promoting` by the fault injection."""
+    shared = daemon.data_dir
+    daemon.stop()
     daemon.extra_env = {"ADAPTD_FAULT_PAUSE": "promoting=15"}
-    daemon.restart()
+    daemon.data_dir = tmp_path_factory.mktemp("recovery") / "data"
+    daemon.start()
     yield daemon
+    daemon.stop()
     daemon.extra_env = {}
-    with httpx.Client(base_url=daemon.url, headers=admin_headers(), timeout=120) as a:
-        if a.get("/admin/status").json()["serving"]["version"] != "base":
-            a.post("/admin/rollback", json={"version": "base"})
-    daemon.restart()
+    daemon.data_dir = shared
+    daemon.start()
 
 
 def feedback(daemon: RunningDaemon, style: str, tag: str) -> None:
