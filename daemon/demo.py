@@ -103,21 +103,21 @@ FACTS: tuple[Fact, ...] = (
 PROBE = f"What is the cat at {SHOP} called?"
 PROBE_FACT = FACTS[3]
 
-# Everyday questions with short answers: their chats get no feedback, so the base model's own
-# answers to them are replayed in training (self-replay), which keeps its everyday behaviour.
+# Everyday questions: their chats get no feedback, so the base model's own answers to them are
+# replayed in training (self-replay), which keeps its everyday behaviour.
 EVERYDAY: tuple[str, ...] = (
+    "How do I make a good cup of tea?",
+    "Give me a tip for remembering new words.",
+    "Why do leaves change colour in autumn?",
+    "What should I pack for a day at the beach?",
+    "Explain what a rainbow is.",
+    "How long should I boil pasta?",
+    "What is a good name for a goldfish?",
+    "How can I sleep better?",
+    "What are the benefits of walking every day?",
+    "Describe a good way to start the morning.",
+    "How do plants make their food?",
     "What is the capital of Italy?",
-    "What is the opposite of ancient?",
-    "How many days are there in a week?",
-    "What is the plural of mouse?",
-    "Who wrote Romeo and Juliet?",
-    "What language is spoken in Brazil?",
-    "What is the largest ocean on Earth?",
-    "What colour is a ripe banana?",
-    "What is the freezing point of water in Celsius?",
-    "What do bees make?",
-    "How many continents are there?",
-    "What is the chemical symbol for gold?",
 )
 USERS = ("ana", "ben", "chloe", "dev", "emma", "farid")
 COMMENTS = ("Quick answer, thanks.", "Nice, that helped.")
@@ -147,10 +147,11 @@ def plan(short: bool) -> Plan:
     training: dict[str, Any] = {
         "rank": 16,
         "alpha": 32,
-        "learning_rate": 1e-3,
+        "learning_rate": 1.5e-3,
         "max_len": 256,
         "batch_tokens": 512,
         "min_epochs": 6,
+        "ewc_lambda": 5000,
         "min_steps": 20,
         "max_steps": 60,
     }
