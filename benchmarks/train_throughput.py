@@ -31,6 +31,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def run_trainer(model_dir: Path, data: list, steps: int) -> dict[str, Any]:
             times.append(time.perf_counter())
 
     args = TrainingArguments(
-        output_dir="/tmp/trainer-out", per_device_train_batch_size=BATCH, max_steps=steps,
+        output_dir=str(Path(tempfile.gettempdir()) / "trainer-out"), per_device_train_batch_size=BATCH, max_steps=steps,
         bf16=True, learning_rate=2e-4, logging_steps=10_000, save_strategy="no", report_to=[],
         dataloader_num_workers=0, remove_unused_columns=False, seed=0,
     )  # fmt: skip
@@ -177,7 +178,7 @@ def run_ours(
     r = train(
         TrainJob(
             base_model=str(model_dir),
-            work_dir=Path(f"/tmp/ours-{os.getpid()}"),
+            work_dir=Path(tempfile.gettempdir()) / f"ours-{os.getpid()}",
             examples=(),
             tokenized=toks,
             settings=settings,
@@ -237,7 +238,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     results: dict[str, Any] = {"device": device, "torch": torch.__version__, "shapes": {}}
     for shape in args.shapes:
-        model_dir = Path(f"/tmp/bench-models/{shape}")
+        model_dir = Path(tempfile.gettempdir()) / "bench-models" / shape
         n_params = build_model(shape, model_dir)
         per: dict[str, Any] = {"params": n_params}
         for arm in args.arms:
