@@ -97,6 +97,8 @@ def curate_snapshot(snap: Snapshot, cfg: CurationConfig) -> CurationResult:
             max_per_user=cfg.max_per_user,
             max_user_share=cfg.max_user_share,
             near_duplicate_threshold=cfg.near_duplicate_threshold,
+            drop_suspected_triggers=cfg.drop_suspected_triggers,
+            trigger_min_examples=cfg.trigger_min_examples,
         ),
     )
 

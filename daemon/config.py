@@ -162,6 +162,14 @@ class CurationConfig(_Section):
     near_duplicate_threshold: float = Field(
         0.8, gt=0, le=1, description="Similarity above which items are duplicates."
     )
+    drop_suspected_triggers: bool = Field(
+        True,
+        description="Drop clusters of one answer behind an unusual shared phrase (a planted "
+        "trigger); they are listed in the report either way.",
+    )
+    trigger_min_examples: int = Field(
+        3, ge=2, description="Fewest prompts sharing a phrase and an answer to suspect a trigger."
+    )
 
 
 class EvaluationSettings(_Section):
@@ -221,6 +229,13 @@ class GateSettings(_Section):
     )
     canary_max_change: float = Field(
         0.5, ge=0, le=1, description="Most change (1 - ROUGE-L) of a canary's answer."
+    )
+    max_trigger_lift: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Most rise, over the current version, in the share of unrelated prompts a "
+        "suspected trigger phrase turns into its payload answer.",
     )
     drain_timeout_s: float = Field(
         120, gt=0, description="How long a replaced version waits for its requests to finish."

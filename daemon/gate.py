@@ -14,7 +14,10 @@ reported, passed or not, so the stored decision explains itself:
 * ``retention``: ROUGE-L on earlier cycles' held-out feedback drops at most
   ``max_retention_loss`` from the current version;
 * ``golden``: every golden case the current version passes, the candidate passes;
-* ``canaries``: no canary answer changes more than ``canary_max_change`` (1 - ROUGE-L).
+* ``canaries``: no canary answer changes more than ``canary_max_change`` (1 - ROUGE-L);
+* ``triggers``: for each phrase curation suspects of being a planted trigger, the share of
+  unrelated prompts the phrase turns into its payload answer rises at most
+  ``max_trigger_lift`` over the current version's (see `daemon.evaluation.trigger_lifts`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class Evidence:
     golden_cases: int = 0
     canary_max_change: float | None = None
     canary_worst: str | None = None
+    trigger_lift: float | None = None  # the largest, over the suspected triggers
+    trigger_worst: str | None = None
     weights_finite: bool = True
     weights_detail: str = ""
 
@@ -182,6 +187,22 @@ def decide(ev: Evidence, s: GateSettings) -> Decision:
                 s.canary_max_change,
                 f"largest canary change {ev.canary_max_change:.2f} "
                 f"(at most {s.canary_max_change:.2f}){worst}",
+            )
+        )
+    if ev.trigger_lift is None:
+        checks.append(
+            Check("triggers", True, None, s.max_trigger_lift, "no suspected trigger phrase")
+        )
+    else:
+        ok = ev.trigger_lift <= s.max_trigger_lift
+        checks.append(
+            Check(
+                "triggers",
+                ok,
+                ev.trigger_lift,
+                s.max_trigger_lift,
+                f"{ev.trigger_worst}: lift {ev.trigger_lift:+.2f} "
+                f"(at most {s.max_trigger_lift:+.2f})",
             )
         )
     return Decision(all(c.passed for c in checks), checks)

@@ -33,12 +33,18 @@ the deciding item of a kept unit or as one drop with a reason (:class:`Drop`), s
    ``near_duplicate_threshold`` to an earlier kept item *both* in its conversation and in its
    target (so successive turns of one long chat, which share their history, stay apart).
    The comparison is exact, not a MinHash estimate (see :func:`_dedupe`).
-6. **Per-user caps**, on what is left, earliest first, for training targets and for evaluation
+6. **Suspected triggers** (training targets only, :mod:`feedback.triggers`): many prompts
+   that share an unusual phrase and little else, all answered alike, are the shape of a
+   planted backdoor. Such clusters are listed in the report (``suspected_triggers``) and, with
+   ``drop_suspected_triggers``, dropped whole (``suspected trigger``) before the caps, so a
+   campaign split across many users is caught as well as one user's. Evaluation probes the
+   listed phrases whether or not they were dropped.
+7. **Per-user caps**, on what is left, earliest first, for training targets and for evaluation
    items separately: at most ``max_per_user`` items per user (``per-user cap``), then at most
    a share of the cycle (``per-user share``, see :func:`user_share_limit`). A user is ``Feedback.user``, else the interaction's ``caller``
    (the API key's label); ``user`` is client-supplied, so the caps are as strong as the
    identity the client gives.
-7. **Split** by interaction id (:func:`in_holdout`): an interaction is in the holdout or not
+8. **Split** by interaction id (:func:`in_holdout`): an interaction is in the holdout or not
    forever, so its examples are never trained on in this or any later cycle, provided
    ``holdout_fraction`` and ``salt`` never change for a data directory.
 
@@ -63,6 +69,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from feedback.store import Feedback, Interaction
+from feedback.triggers import Sample, TriggerSettings, find_triggers
 
 __all__ = [
     "CurationReport",
@@ -98,6 +105,7 @@ class Drop(StrEnum):
     TOO_LONG = "too long"
     DUPLICATE = "duplicate"
     NEAR_DUPLICATE = "near-duplicate"
+    SUSPECTED_TRIGGER = "suspected trigger"
     USER_CAP = "per-user cap"
     USER_SHARE = "per-user share"
 
@@ -120,6 +128,10 @@ class CurationSettings:
       in about 40 words; 0.8 forgives one in about 20 (a typo fix and a reworded phrase in a
       50-word answer score about 0.84), while a different answer to the same question scores
       well under 0.5.
+    - ``drop_suspected_triggers=True``, ``trigger_min_examples=3``: a payload answer given to
+      three or more prompts that share an unusual phrase is dropped (see
+      :mod:`feedback.triggers`); two copies cannot be told from chance, and at the rates a
+      campaign needs to plant a trigger it gives many more.
     - ``salt="adaptd-holdout-v1"``: keys the split; changing it (or the fraction) moves
       interactions across the split, so trained-on data would land in the holdout.
     """
@@ -130,6 +142,8 @@ class CurationSettings:
     max_per_user: int = 50
     max_user_share: float = 0.25
     near_duplicate_threshold: float = 0.8
+    drop_suspected_triggers: bool = True
+    trigger_min_examples: int = 3
     salt: str = "adaptd-holdout-v1"
 
     def __post_init__(self) -> None:
@@ -148,6 +162,8 @@ class CurationSettings:
             errors.append(
                 f"near_duplicate_threshold must be in (0, 1], got {self.near_duplicate_threshold}"
             )
+        if self.trigger_min_examples < 2:
+            errors.append(f"trigger_min_examples must be >= 2, got {self.trigger_min_examples}")
         if not self.salt:
             errors.append("salt must not be empty")
         if errors:
@@ -212,6 +228,7 @@ class CurationReport:
     preferences_holdout: int
     pairs_skipped: dict[str, int]  # reason -> corrections without a preference pair
     pii_redactions: dict[str, int]  # email / phone / card / secret -> replacements made
+    suspected_triggers: list[dict[str, Any]] = field(default_factory=list)  # SuspectedTrigger
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -605,6 +622,10 @@ def _copy(messages: list[Message]) -> list[Message]:
     return [dict(m) for m in messages]
 
 
+def _user_text(unit: _Unit) -> str:
+    return "\n".join(m["content"] for m in unit.prompt if m["role"] == "user")
+
+
 def _prompt_chars(unit: _Unit) -> int:
     return sum(len(m["content"]) for m in unit.prompt)
 
@@ -853,7 +874,18 @@ def curate(
     threshold = settings.near_duplicate_threshold
     targets = [u for u in units if u.kind != "eval_only"]
     evals = [u for u in units if u.kind == "eval_only"]
-    targets = _cap_users(_dedupe(targets, threshold, ledger), settings, ledger)
+    targets = _dedupe(targets, threshold, ledger)
+    suspects = find_triggers(
+        [Sample(u.feedback.id, _user_text(u), u.target, u.user) for u in targets],
+        TriggerSettings(min_examples=settings.trigger_min_examples),
+    )
+    if settings.drop_suspected_triggers and suspects:
+        planted = {k for t in suspects for k in t.keys}
+        for u in targets:
+            if u.feedback.id in planted:
+                ledger.drop(u.feedback, Drop.SUSPECTED_TRIGGER)
+        targets = [u for u in targets if u.feedback.id not in planted]
+    targets = _cap_users(targets, settings, ledger)
     evals = _cap_users(_dedupe(evals, threshold, ledger), settings, ledger)
 
     train: list[Example] = []
@@ -911,5 +943,8 @@ def curate(
         preferences_holdout=len(prefs_holdout),
         pairs_skipped=dict(sorted(pairs_skipped.items())),
         pii_redactions=dict(scrubber.redactions),
+        suspected_triggers=[
+            {**t.to_dict(), "dropped": settings.drop_suspected_triggers} for t in suspects
+        ],
     )
     return CurationResult(train, holdout, prefs_train, prefs_holdout, eval_only, report)

@@ -885,7 +885,10 @@ def test_near_duplicates_match_brute_force(
         for k, (q, a) in enumerate(items)
     ]
     config = CurationSettings(
-        near_duplicate_threshold=threshold, max_per_user=100, max_user_share=1
+        near_duplicate_threshold=threshold,
+        max_per_user=100,
+        max_user_share=1,
+        drop_suspected_triggers=False,
     )
     result = curate(rows, config)
     # Reference: one pass in time order, comparing with every earlier kept item.
