@@ -32,7 +32,7 @@ from feedback.curate import CurationResult, CurationSettings, Example, curate
 from feedback.store import Feedback, Interaction, Store
 from learners import replay as replay_lib
 from learners.lora import LoraSettings
-from learners.run import ChildOutcome, run_job, write_job
+from learners.run import ChildOutcome, TrainingFailed, run_job, write_job
 from learners.train import TrainJob, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -337,21 +337,26 @@ def write_version(
         raise CandidateError(f"version {version} already exists; versions are never reused")
     tmp = adapters / f".tmp.{version}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "state").mkdir(parents=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy2(adapter_dir / name, tmp / name)
-    if (adapter_dir / "ewc.safetensors").exists():
-        shutil.copy2(adapter_dir / "ewc.safetensors", tmp / "state" / "ewc.safetensors")
-    if (work / "progress.jsonl").exists():
-        shutil.copy2(work / "progress.jsonl", tmp / "state" / "train_log.jsonl")
-    for name, write in state_files.items():
-        write(tmp / "state" / name)
-    manifest["files"] = {
-        str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    _fsync_tree(tmp)
-    os.rename(tmp, target)
+    try:
+        (tmp / "state").mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(adapter_dir / name, tmp / name)
+        if (adapter_dir / "ewc.safetensors").exists():
+            shutil.copy2(adapter_dir / "ewc.safetensors", tmp / "state" / "ewc.safetensors")
+        if (work / "progress.jsonl").exists():
+            shutil.copy2(work / "progress.jsonl", tmp / "state" / "train_log.jsonl")
+        for name, write in state_files.items():
+            write(tmp / "state" / name)
+        manifest["files"] = {
+            str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+        (tmp / "manifest.json").write_text(text)
+        _fsync_tree(tmp)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a disk full mid-way leaves nothing behind
+        raise
     _fsync_dir(adapters)
     return target
 
@@ -418,6 +423,8 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
     """Snapshot → curate → replay → train → write → register; see the module docstring."""
     adapters = inp.data_dir / "adapters"
     adapters.mkdir(parents=True, exist_ok=True)
+    for stale in adapters.glob(".tmp.*"):  # half-written by a crash (one cycle at a time)
+        shutil.rmtree(stale, ignore_errors=True)
     parent_dir = adapters / inp.promoted if inp.promoted else None
     parent_manifest = (
         json.loads((parent_dir / "manifest.json").read_text())
@@ -462,14 +469,22 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
         fisher_examples=mix.general_pool,
         nan_at_step=inp.nan_at_step,
     )
-    write_job(job)
     log.info(
         "training %s: %d new examples + %d replayed %s, warm start from %s",
         version, len(new), len(mix.examples), mix.counts, inp.promoted or "a fresh adapter",
     )  # fmt: skip
-    outcome: ChildOutcome = await asyncio.to_thread(
-        run_job, work, max_restarts=inp.training.max_restarts
-    )
+    try:
+        write_job(job)
+        outcome: ChildOutcome = await asyncio.to_thread(
+            run_job, work, max_restarts=inp.training.max_restarts
+        )
+    except OSError as e:  # no room for the job's files
+        shutil.rmtree(work, ignore_errors=True)
+        raise CandidateError(f"could not write the training job of {version}: {e}") from e
+    except TrainingFailed as e:
+        if e.kind != "stopped":  # a stop keeps the checkpoint for the next start
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     result = outcome.result
 
     manifest: dict[str, Any] = {
@@ -502,10 +517,14 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
         "train.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.train]),
         "eval_only.jsonl": lambda p: _write_jsonl(p, [asdict(e) for e in cur.eval_only]),
     }
-    path = write_version(
-        adapters, version, Path(result["adapter_dir"]), work, manifest, state_files
-    )
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        path = write_version(
+            adapters, version, Path(result["adapter_dir"]), work, manifest, state_files
+        )
+    except OSError as e:  # e.g. the disk is full; nothing half-written is left
+        raise CandidateError(f"could not write version {version}'s folder: {e}") from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return Candidate(
         version=version,
         path=path,

@@ -15,14 +15,21 @@
 5. Drain: the replaced version stays loaded until the requests that started on it finish
    (or ``drain_timeout_s`` passes), then it is unloaded. Version folders are never deleted.
 
-Rollback is the same path with the target taken from the history.
+Rollback is the same path with the target taken from the history. A promotion that fails at
+any step (refused, probe failed, vLLM gone, the history not written) leaves the alias where it
+was and unloads the version it loaded.
+
+Whenever vLLM (re)starts, `recheck` vets each adapter before it is loaded again and
+`reconcile` makes the alias name a version vLLM holds, before requests reach it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +47,20 @@ log = logging.getLogger(__name__)
 
 
 PROBE_TOKENS = 16
+
+
+def _swap_pause() -> float:
+    """Fault injection for the fault tests (beside `daemon.cycle.FAULT_PAUSE`):
+    ``ADAPTD_FAULT_PAUSE="swap=3"`` holds every promotion that long once its version is
+    loaded, before the probe and the flip, so a test can kill vLLM in the middle of a swap."""
+    for part in os.environ.get("ADAPTD_FAULT_PAUSE", "").split(","):
+        key, _, seconds = part.partition("=")
+        if key.strip() == "swap" and seconds.strip():
+            return float(seconds)
+    return 0.0
+
+
+SWAP_PAUSE = _swap_pause()
 
 
 class PromotionError(Exception):
@@ -211,15 +232,25 @@ class Promoter:
             if version is not None:
                 path = self.admit(version)
                 await self.engine.load_adapter(version, str(path))
-                probe = await self.probe(version, path)
-                if not probe.passed:
-                    if version != self.promoted:
+            try:
+                if version is not None:
+                    if SWAP_PAUSE:
+                        log.warning("fault injection: pausing %.1f s in a swap", SWAP_PAUSE)
+                        await asyncio.sleep(SWAP_PAUSE)
+                    probe = await self.probe(version, path)
+                    if not probe.passed:
+                        raise PromotionError(f"version {version} failed its probe: {probe.detail}")
+                promotion = await self.writer.call(
+                    lambda s: s.record_promotion(action, version, actor=actor, reason=reason)
+                )
+            except BaseException:
+                # Not promoted: the alias stays; the version loaded for this try goes (when
+                # vLLM is down this fails, and its restart vets the version again).
+                if version is not None and version != self.promoted:
+                    with contextlib.suppress(Exception):
                         await self.engine.unload_adapter(version)
-                    raise PromotionError(f"version {version} failed its probe: {probe.detail}")
+                raise
             old = self.promoted
-            promotion = await self.writer.call(
-                lambda s: s.record_promotion(action, version, actor=actor, reason=reason)
-            )
             self.promoted = version
             if self.on_change is not None:
                 self.on_change(action)
@@ -248,13 +279,22 @@ class Promoter:
             raise PromotionError(f"{target or 'base'} is already served")
         return await self.promote(target, actor=actor, reason=reason, action="rollback")
 
-    async def reconcile(self) -> str | None:
-        """At start-up (and after vLLM restarts): make vLLM hold what the alias names.
+    async def recheck(self, name: str) -> None:
+        """Before a restarted vLLM loads ``name`` again: a registered version must still pass
+        admission (its file may have been corrupted since). Others are candidates under
+        evaluation, checked moments ago."""
+        if self.reader.get_version(name) is not None:
+            await asyncio.to_thread(self.admit, name)
+
+    async def reconcile(self, restarted: bool = False) -> str | None:
+        """Whenever vLLM (re)starts, before requests reach it: make vLLM hold what the alias
+        names.
 
         The alias is the last row of the history. If that version cannot be admitted or
         loaded, walk back through the history to the newest one that can (or the base model)
         and record that as a rollback, so the alias never names a version vLLM lacks.
         """
+        when = "after vLLM restarted" if restarted else "at start-up"
         async with self._lock:
             tried: list[str] = []
             candidates = [self.promoted] + [p.previous for p in reversed(self.reader.promotions())]
@@ -271,12 +311,13 @@ class Promoter:
             else:
                 version = None
             if version != self.promoted:
-                reason = "at start-up the promoted version could not be loaded: " + "; ".join(tried)
+                reason = f"{when} the promoted version could not be loaded: " + "; ".join(tried)
                 await self.writer.call(
                     lambda s: s.record_promotion(
-                        "rollback", version, actor="startup", reason=reason
+                        "rollback", version, actor="restart" if restarted else "startup",
+                        reason=reason,
                     )
-                )
+                )  # fmt: skip
                 log.warning("adaptd serves %s: %s", version or "base", reason)
                 self.promoted = version
             return self.promoted

@@ -37,6 +37,21 @@ class StoreError(FeedbackError):
 
 
 class StoreBusy(FeedbackError):
+    """The write could not be taken now (queue full, or the database locked by another
+    program past the busy timeout): nothing was stored; retry."""
+
     status = 503
     type = "server_error"
     code = "store_busy"
+    headers = {"Retry-After": "1"}
+
+
+class StoreFull(StoreError):
+    """The database could not be written: the disk is full (or a quota or file-size limit was
+    reached, or the write itself failed). Nothing was stored; retry once there is room.
+
+    507 Insufficient Storage says exactly this; OpenAI's SDKs retry it like any 5xx."""
+
+    status = 507
+    code = "insufficient_storage"
+    headers = {"Retry-After": "10"}

@@ -26,11 +26,39 @@ from typing import Any
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from feedback.errors import StoreError, UnknownInteraction
+from feedback.errors import StoreBusy, StoreError, StoreFull, UnknownInteraction
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
+
+# Errors of a write that mean "no room": the disk (or a quota, or the process's file-size
+# limit) is full. SQLite reports ENOSPC as SQLITE_FULL, and a write() refused with EDQUOT or
+# EFBIG as SQLITE_IOERR_WRITE; the others are where the same lack of room shows up.
+_NO_ROOM = {
+    sqlite3.SQLITE_IOERR_WRITE,
+    sqlite3.SQLITE_IOERR_FSYNC,
+    sqlite3.SQLITE_IOERR_TRUNCATE,
+    sqlite3.SQLITE_IOERR_SHMSIZE,
+}
+
+
+def write_error(e: sqlite3.Error) -> StoreError | StoreBusy:
+    """The store's error for a failed write: `StoreBusy` (503) when another program holds the
+    write lock past ``busy_timeout``, `StoreFull` (507) when the disk has no room, `StoreError`
+    (500) otherwise. In every case nothing of the failed transaction was stored."""
+    code = getattr(e, "sqlite_errorcode", None) or 0
+    primary = code & 0xFF  # extended result codes keep the primary one in the low byte
+    name = getattr(e, "sqlite_errorname", type(e).__name__)
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreBusy(f"the database is locked by another connection ({name}); retry shortly")
+    if primary == sqlite3.SQLITE_FULL or code in _NO_ROOM:
+        return StoreFull(
+            f"the database could not be written ({name}: {e}): the disk is full or a write "
+            "failed; nothing was stored, retry once there is room"
+        )
+    return StoreError(f"the database could not be written ({name}: {e})")
+
 
 migrations = Migrations("adaptd")
 
@@ -290,7 +318,9 @@ def sqlite_has_wal_reset_bug(version: str) -> bool:
 class Store:
     """A connection to adaptd's database, with verbs that return dataclasses."""
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, readonly: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    ) -> None:
         self.path = Path(path)
         self.readonly = readonly
         try:
@@ -300,7 +330,7 @@ class Store:
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(str(self.path), check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if not readonly:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = FULL")

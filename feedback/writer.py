@@ -14,6 +14,12 @@ The queue is bounded (``max_pending`` jobs). What happens when it is full:
 
 Jobs run in arrival order, so feedback on an interaction that was logged before
 the response went out always finds its interaction row.
+
+When the database cannot take a batch, every acknowledged write in it fails with the
+store's error and the interaction logs in it are counted as failed
+(``adaptd_interaction_log_failed_total``): `StoreBusy` (503) when another program holds
+the write lock past the busy timeout, `StoreFull` (507) when the disk has no room. The
+writer carries on; the next batch succeeds once the lock is released or room is made.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from feedback.errors import FeedbackError, StoreBusy, StoreError
-from feedback.store import Interaction, Store
+from feedback.store import Interaction, Store, write_error
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,7 @@ class Writer:
         self._stats = WriterStats()
         self._lock = threading.Lock()
         self._closed = False
+        self._failures: dict[str, tuple[float, int]] = {}  # error code: (last logged, since)
         self._thread = threading.Thread(target=self._run, name="adaptd-writer", daemon=True)
         self._thread.start()
 
@@ -152,9 +160,14 @@ class Writer:
         try:
             value = job.fn(self._store)
         except Exception as e:
+            if not conn.in_transaction:
+                raise  # SQLite rolled the whole batch back (disk full, I/O): it fails as one
             conn.execute("ROLLBACK TO SAVEPOINT job")
             conn.execute("RELEASE SAVEPOINT job")
-            if not isinstance(e, FeedbackError):
+            if isinstance(e, sqlite3.Error):
+                log.error("write job failed: %s", e)
+                e = write_error(e)
+            elif not isinstance(e, FeedbackError):
                 log.exception("write job failed")
                 e = StoreError(f"write failed: {e}")
             return job.future, None, e
@@ -167,7 +180,11 @@ class Writer:
         conn = self._store.db.conn
         started = time.perf_counter()
         try:
-            conn.execute("BEGIN")
+            if conn.in_transaction:  # left open by a ROLLBACK that failed
+                conn.execute("ROLLBACK")
+            # IMMEDIATE: take the write lock now, waiting up to busy_timeout for another
+            # program's writer, rather than fail each job on its first write.
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 # Interactions first: feedback in the same batch may name them.
                 self._store.insert_interactions(inters)
@@ -181,9 +198,13 @@ class Writer:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except Exception as e:  # the COMMIT itself failed (disk full, I/O error)
-            log.error("commit of %d writes failed: %s", len(batch), e)
-            err = StoreError(f"the database could not commit: {e}")
+        except Exception as e:  # the batch failed as one: locked, disk full, I/O error
+            err = (
+                write_error(e)
+                if isinstance(e, sqlite3.Error)
+                else StoreError(f"the database could not commit: {e}")
+            )
+            self._log_failure(len(batch), err)
             with self._lock:
                 self._stats.failed += len(inters)
             for job in batch:
@@ -204,3 +225,18 @@ class Writer:
         elapsed = time.perf_counter() - started
         if elapsed > 1.0:
             log.warning("a write batch of %d took %.2f s", len(batch), elapsed)
+        if self._failures:
+            log.info("the database takes writes again")
+            self._failures.clear()
+
+    def _log_failure(self, n: int, err: Exception) -> None:
+        """One line per kind of failure every 30 s: a full disk must not fill the log too."""
+        code = str(getattr(err, "code", "error"))
+        now = time.monotonic()
+        last, since = self._failures.get(code, (-1e9, 0))
+        if now - last < 30.0:
+            self._failures[code] = (last, since + 1)
+            return
+        more = f" ({since} more failed batches since the last report)" if since else ""
+        log.error("a write batch of %d failed: %s%s", n, err, more)
+        self._failures[code] = (now, 0)

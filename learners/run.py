@@ -5,11 +5,16 @@ The parent writes a job folder (`write_job`) and calls `run_job`, which starts
 checkpoint) up to ``max_restarts`` times. The child writes ``result.json``:
 ``{"ok": true, "result": {...}}`` or ``{"ok": false, "reason": "...", "kind": "non_finite"}``.
 
-Exit status of the child: 0 done, 3 non-finite loss, 4 bad job, anything else a crash.
+Exit status of the child: 0 done, 3 non-finite loss, 4 bad job, 5 stopped, 6 no room to write
+(the disk, a quota or the file-size limit is full), anything else a crash. A child with no room
+is not restarted: it would fail the same way. (Python ignores SIGXFSZ, so a file-size limit
+shows up as EFBIG, like a full disk as ENOSPC.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -30,6 +35,23 @@ log = logging.getLogger(__name__)
 EXIT_NON_FINITE = 3
 EXIT_BAD_JOB = 4
 EXIT_STOPPED = 5
+EXIT_NO_ROOM = 6
+
+# A write that failed for lack of room: disk full, quota exceeded, file-size limit.
+_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_ROOM = (
+    "training could not write its files: no room (the disk is full, or a quota or the "
+    "file-size limit was reached); make room and start a cycle again"
+)
+
+
+def no_room(e: BaseException) -> bool:
+    """Did a write fail for lack of room? An OSError carries its errno; safetensors (Rust)
+    names it in its message as "(os error N)"."""
+    if isinstance(e, OSError):
+        return e.errno in _NO_ROOM_ERRNOS
+    return any(f"(os error {n})" in str(e) for n in _NO_ROOM_ERRNOS)
+
 
 _children: set[subprocess.Popen[bytes]] = set()
 _stopping = False
@@ -172,14 +194,29 @@ def run_job(
             raise TrainingFailed("training was stopped at a step boundary", "stopped")
         if code in (EXIT_NON_FINITE, EXIT_BAD_JOB):
             raise TrainingFailed(f"training child exited with status {code}", "error")
+        if code == EXIT_NO_ROOM:  # and no room for result.json either
+            raise TrainingFailed(NO_ROOM, "no_room")
         if restarts >= max_restarts:
             raise TrainingFailed(
-                f"training crashed {restarts + 1} times (last exit status {code}); see {work / 'child.log'}",
+                f"training crashed {restarts + 1} times (last exit status {code}"
+                f"{_last_error(work / 'child.log')}); see {work / 'child.log'}",
                 "crash",
             )
         restarts += 1
         log.warning("training child died (status %s); resuming, attempt %d", code, restarts + 1)
         time.sleep(1.0)
+
+
+def _last_error(log_path: Path) -> str:
+    """The last line of the child's log (a traceback's exception) as ": LINE", or nothing."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return f": {lines[-1][:300]}" if lines else ""
 
 
 def _main(argv: list[str]) -> int:
@@ -209,6 +246,14 @@ def _main(argv: list[str]) -> int:
     except ValueError as e:
         out.write_text(json.dumps({"ok": False, "reason": str(e), "kind": "bad_job"}))
         return EXIT_BAD_JOB
+    except Exception as e:
+        if not no_room(e):
+            raise
+        reason = f"{NO_ROOM}: {e}"
+        log.error("%s", reason)
+        with contextlib.suppress(OSError):  # there may be no room for this either
+            out.write_text(json.dumps({"ok": False, "reason": reason, "kind": "no_room"}))
+        return EXIT_NO_ROOM
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"ok": True, "result": result.to_dict()}))
     os.replace(tmp, out)

@@ -9,7 +9,9 @@ Lifecycle: `start()` launches the server under `serving._reaper` (so no vLLM
 process outlives the daemon, even after SIGKILL) and waits until it is healthy,
 logging progress. A supervisor task restarts it with exponential back-off if it
 dies; meanwhile `ready` is False. Adapters that were loaded are loaded again
-after a restart.
+after a restart, each first passed to the owner's `recheck` (raise to leave it out: its files
+may have changed since); then the owner's `on_healthy` runs, and only then does `ready` turn
+true, so no request reaches a server whose adapters are not settled yet.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +149,10 @@ class VllmEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._load_lock = asyncio.Lock()
+        # Set by the owner (see the module docstring): ``recheck(name)`` before an adapter is
+        # loaded again after a restart; ``on_healthy(restarted)`` before `ready` turns true.
+        self.recheck: Callable[[str], Awaitable[None]] | None = None
+        self.on_healthy: Callable[[bool], Awaitable[object]] | None = None
 
     # -- public -------------------------------------------------------------
     @property
@@ -335,7 +342,7 @@ class VllmEngine:
             if line:
                 vllm_log.info("%s", line)
 
-    async def _wait_healthy(self) -> None:
+    async def _wait_healthy(self, *, restarted: bool = False) -> None:
         timeout = self.settings.startup_timeout_s if self.settings else 300.0
         t0 = time.monotonic()
         next_note = t0 + 5
@@ -354,13 +361,20 @@ class VllmEngine:
                 next_note = now + 5
             await asyncio.sleep(0.25)
         log.info("vLLM ready in %.1f s", time.monotonic() - t0)
-        # Re-load the adapters a restarted server has forgotten.
+        # Re-load the adapters a restarted server has forgotten, if they still pass the check.
         adapters, self._adapters = self._adapters, {}
         for name, path in adapters.items():
             try:
+                if self.recheck is not None:
+                    await self.recheck(name)
                 await self.load_adapter(name, path)
-            except EngineError as e:
-                log.error("could not re-load adapter %s after a restart: %s", name, e)
+            except Exception as e:  # refused by the check, or by vLLM
+                log.error("adapter %s is not loaded again after the restart: %s", name, e)
+        if self.on_healthy is not None:
+            try:
+                await self.on_healthy(restarted)
+            except Exception:
+                log.exception("settling the adapters after vLLM (re)started failed")
         self.ready = True
 
     async def _supervise(self) -> None:
@@ -380,7 +394,7 @@ class VllmEngine:
             backoff = min(backoff * 2, 60.0)
             try:
                 await self._spawn()
-                await self._wait_healthy()
+                await self._wait_healthy(restarted=True)
             except EngineError as e:
                 log.error("vLLM restart failed: %s", e)
 

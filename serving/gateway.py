@@ -378,6 +378,10 @@ class Gateway:
             raise GatewayError(f"the body is not valid JSON: {e}") from None
         body = validate(parsed, endpoint, self.limits)
         model = body["model"]
+        # Not ready: vLLM is starting, or restarted and its adapters are being settled; the
+        # alias may be about to move, so nothing is resolved (or loaded) until it is ready.
+        if not self.upstream.ready:
+            raise NotReady("the model server is starting or restarting; retry shortly")
         target = await self.resolve(model, caller)
         if not self.upstream.ready:
             raise NotReady("the model server is starting or restarting; retry shortly")
@@ -422,6 +426,9 @@ class Gateway:
                 return await self._error_passthrough(resp, ex, headers, t0)
             try:
                 data = orjson.loads(await resp.read())
+            except aiohttp.ClientError as e:  # vLLM died in the middle of its answer
+                ex.status = "error"
+                raise NotReady(f"the model server went away: {e}", headers=headers) from e
             finally:
                 resp.release()
         finally:

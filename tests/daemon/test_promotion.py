@@ -254,3 +254,68 @@ def test_a_fresh_adapter_is_not_anchored_to_its_parent(tmp_path: Path) -> None:
     assert parent_ewc_state(tmp_path, warm_start=True) == tmp_path / "ewc.safetensors"
     assert parent_ewc_state(tmp_path, warm_start=False) is None
     assert parent_ewc_state(None, warm_start=True) is None
+
+
+class DyingEngine(FakeEngine):
+    """vLLM dies once the version is loaded: every answer fails as the real engine's does."""
+
+    async def generate(self, messages: object, *, model: str = "base", **kw: object) -> Gen:
+        from serving.engine import EngineError
+
+        raise EngineError("vLLM is unreachable: connection refused")
+
+
+def test_a_swap_that_fails_after_loading_keeps_the_alias_and_unloads(
+    env: tuple[Path, Store, Writer],
+) -> None:
+    from serving.engine import EngineError
+
+    data, reader, writer = env
+    make_version(data, writer, "v0001")
+    eng = DyingEngine()
+    p = promoter(env, eng, FakeGateway())
+    with pytest.raises(EngineError, match="unreachable"):
+        asyncio.run(p.promote("v0001", actor="t", reason=""))
+    assert p.promoted is None and reader.promotions() == []
+    assert eng.calls == [("load", "v0001"), ("unload", "v0001")]  # it used to stay loaded
+
+
+def flip_bytes(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-4:] = bytes(b ^ 0xFF for b in raw[-4:])  # in the tensor data: still parses
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(("restarted", "actor", "when"), [
+    (False, "startup", "at start-up"), (True, "restart", "after vLLM restarted")])  # fmt: skip
+def test_reconcile_rolls_back_past_a_corrupted_version_and_records_why(
+    env: tuple[Path, Store, Writer], restarted: bool, actor: str, when: str
+) -> None:
+    data, reader, writer = env
+    make_version(data, writer, "v0001")
+    v2 = make_version(data, writer, "v0002")
+    eng = FakeEngine()
+    eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE)
+
+    async def before() -> None:
+        p = promoter(env, eng, FakeGateway())
+        await p.promote("v0001", actor="t", reason="")
+        await p.promote("v0002", actor="t", reason="")
+        await p.wait_drained()
+
+    asyncio.run(before())
+    flip_bytes(v2 / "adapter_model.safetensors")
+    eng2 = FakeEngine()  # a fresh vLLM: it holds nothing
+    p = promoter(env, eng2, FakeGateway())  # a fresh daemon reads the alias from the history
+    assert p.promoted == "v0002"
+    with pytest.raises(PromotionError, match="sha256 differs"):
+        asyncio.run(p.recheck("v0002"))  # a restarted vLLM does not get it back
+    asyncio.run(p.recheck("v0001"))
+    asyncio.run(p.recheck("v0099-candidate"))  # not registered: a candidate in evaluation
+    assert asyncio.run(p.reconcile(restarted=restarted)) == "v0001"
+    assert eng2.loaded == {"v0001"} and p.promoted == "v0001" == reader.promoted_version()
+    last = reader.promotions()[-1]
+    assert (last.action, last.version, last.previous, last.actor) == (
+        "rollback", "v0001", "v0002", actor)  # fmt: skip
+    assert last.reason is not None and last.reason.startswith(when)
+    assert "v0002" in last.reason and "sha256 differs" in last.reason

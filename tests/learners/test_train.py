@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners.lora import LoraSettings
-from learners.run import TrainingFailed, run_job, write_job
+from learners.run import TrainingFailed, no_room, run_job, write_job
 from learners.train import NonFiniteLoss, TrainJob, TrainSettings, train
 
 FACTS = [
@@ -205,3 +205,40 @@ def test_replay_and_ewc_drift_less_from_the_base_on_held_out_prompts(
     protected = drift(FACTS + replay, 1000.0, "protected")
     assert plain > 0.01  # the plain run really moved the model (else the comparison is empty)
     assert protected < plain * 0.8, (plain, protected)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (OSError(28, "No space left on device"), True),
+        (OSError(122, "Disk quota exceeded"), True),
+        (OSError(27, "File too large"), True),
+        (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), True),
+        (OSError(5, "Input/output error"), False),
+        (RuntimeError("CUDA out of memory"), False),
+    ],
+)  # fmt: skip
+def test_no_room_tells_a_full_disk_from_other_failures(
+    error: BaseException, expected: bool
+) -> None:
+    assert no_room(error) is expected
+
+
+def test_a_child_with_no_room_to_write_is_not_restarted(tiny_model: Path, tmp_path: Path) -> None:
+    """A real file-size limit on the child (RLIMIT_FSIZE, as a full disk): its adapter (128 KiB)
+    does not fit. It used to be restarted twice to fail the same way, with only an exit status
+    for a reason."""
+    import resource
+
+    work = write_job(
+        TrainJob(base_model=str(tiny_model), work_dir=tmp_path, examples=FACTS, settings=FAST)
+    )
+    spawned = []
+
+    def limit(proc) -> None:  # type: ignore[no-untyped-def]
+        spawned.append(proc.pid)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (32 * 1024, resource.RLIM_INFINITY))
+
+    with pytest.raises(TrainingFailed, match=r"could not write its files.*File too large") as e:
+        run_job(work, on_start=limit)
+    assert e.value.kind == "no_room" and len(spawned) == 1
