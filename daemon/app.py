@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from daemon.auth import COOKIE, Authenticator, AuthError, Caller, PermissionDenied
 from daemon.candidate import VERSION_RE
 from daemon.config import Settings
+from daemon.connections import ConnectionLimits, limited_protocol
 from daemon.cycle import (
     TERMINAL,
     CycleDeps,
@@ -92,6 +93,7 @@ _ERROR_WHY = {
     413: "the body is over the size limit",
     422: "invalid body",
     503: "not ready, or the store is busy: retry",
+    507: "the disk is full: nothing was stored; retry once there is room",
 }
 
 
@@ -184,6 +186,10 @@ class Daemon:
             max_rank=settings.serving.max_lora_rank,
             on_change=lambda action: self.metrics.promotions.labels(action).inc(),
         )
+        # Whenever vLLM (re)starts, before it takes requests: adapters are loaded again only if
+        # they still pass admission, and the alias is made to name a version vLLM holds.
+        self.engine.recheck = self.promoter.recheck
+        self.engine.on_healthy = self.promoter.reconcile
         self.cycle_deps = CycleDeps(
             settings=settings,
             base_model=self.base_model,
@@ -303,7 +309,12 @@ class Daemon:
                 decision="failed",
                 reasons=[f"internal error: {type(e).__name__}: {e}"],
             )
-            return await self.writer.call(lambda s: s.put_cycle(failed))
+            try:
+                return await self.writer.call(lambda s: s.put_cycle(failed))
+            except FeedbackError as store_error:  # e.g. the disk is full
+                log.error("cycle %s: its failure could not be recorded (%s); it is taken up "
+                          "again at the next start", cycle.id, store_error)  # fmt: skip
+                return failed
 
     async def _cancel_cycle(self) -> None:
         """On stop: training stops at a step boundary; the cycle keeps its state, and the
@@ -385,10 +396,10 @@ class Daemon:
             feedback_router(
                 self.writer, auth=self.auth.inference, on_stored=self.metrics.feedback.inc
             ),
-            responses=_errors(401, 404, 413, 422, 503),
+            responses=_errors(401, 404, 413, 422, 503, 507),
         )
         app.include_router(
-            self._admin_router(), responses=_errors(400, 401, 403, 404, 409, 413, 422, 503)
+            self._admin_router(), responses=_errors(400, 401, 403, 404, 409, 413, 422, 503, 507)
         )
         app.include_router(self._reports_router(), responses=_errors(404, 413, 422))
         return app
@@ -430,7 +441,7 @@ class Daemon:
         except EngineError as e:
             log.error("vLLM did not start: %s", e)
             return
-        await self.promoter.reconcile()
+        # the alias was reconciled before vLLM turned ready (engine.on_healthy)
         for cycle in self._to_resume:
             self._cycle_id = cycle.id
             self._cycle = asyncio.create_task(
@@ -757,8 +768,23 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    lim = settings.limits
+    return ConnectionLimits(
+        max_header_bytes=lim.max_header_bytes,
+        max_headers=lim.max_headers,
+        header_timeout_s=lim.header_timeout_s,
+        body_timeout_s=lim.body_timeout_s,
+        max_connections=lim.max_connections,
+    )
+
+
 def run(settings: Settings) -> None:
     """Serve until stopped; blocks."""
+    # A write past the file-size limit (RLIMIT_FSIZE) kills a process with SIGXFSZ by default.
+    # CPython ignores it at start-up already; the store relies on that (the write fails with
+    # EFBIG, as on a full disk with ENOSPC, and feedback is answered 507), so say it here too.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Absolute paths from here on: vLLM (possibly external) is told where adapters live.
     settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
@@ -778,7 +804,8 @@ def run(settings: Settings) -> None:
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         loop="uvloop",
-        http="httptools",
+        http=limited_protocol(connection_limits(settings), daemon.metrics.refused_inc),
+        ws="none",
     )
 
     # uvicorn drains on the first SIGTERM/SIGINT, then re-raises the signal once it has

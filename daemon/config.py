@@ -83,6 +83,19 @@ class LimitSettings(_Section):
     max_n: int = Field(8, ge=1, description="Cap on n and best_of.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Cap on the prompt's characters.")
     max_messages: int = Field(512, ge=1)
+    max_header_bytes: int = Field(
+        65_536, ge=1024, description="Largest request line and headers together (431 above)."
+    )
+    max_headers: int = Field(100, ge=8, description="Most headers in one request (431 above).")
+    header_timeout_s: float = Field(
+        10, gt=0, description="Time for a request's whole head to arrive (408 after)."
+    )
+    body_timeout_s: float = Field(
+        30, gt=0, description="Longest pause between two reads of a request body (408 after)."
+    )
+    max_connections: int = Field(
+        512, ge=1, description="Open connections at most; the next one is answered 503."
+    )
 
 
 class TrainingSettings(_Section):

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.metrics import Metrics
@@ -193,6 +194,12 @@ def build_app(
             headers=exc.headers,
         )
 
+    async def handle_disconnect(request: Request, exc: Exception) -> Response:
+        # The client left (or was cut off as too slow) while its body was read: nobody reads
+        # this answer; 499 is nginx's "client closed request", for the metrics.
+        log.debug("client gone while %s %s was read", request.method, request.url.path)
+        return Response(status_code=499)
+
     async def handle_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return Response(
@@ -203,6 +210,7 @@ def build_app(
 
     app.add_exception_handler(RequestValidationError, handle_validation)
     app.add_exception_handler(StarletteHTTPException, handle_http)
+    app.add_exception_handler(ClientDisconnect, handle_disconnect)
     app.state.handle_known = handle_known
     app.add_exception_handler(Exception, handle_unexpected)
 

@@ -101,6 +101,16 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.refused = Counter(
+            "adaptd_refused",
+            "Requests and connections refused before the app: header floods, slow clients, "
+            "too many connections, malformed HTTP.",
+            ["status", "code"],
+            registry=self.registry,
+        )
+
+    def refused_inc(self, status: int, code: str) -> None:
+        self.refused.labels(str(status), code).inc()
 
     def watch(self, read: Callable[[], dict[str, float]], version: Callable[[], str]) -> None:
         self.registry.register(_Live(read, version))

@@ -55,6 +55,9 @@ def daemon_env(**extra: str) -> dict[str, str]:
         ADAPTD_SERVING__MAX_LORAS="2",
         ADAPTD_LIMITS__MAX_TOKENS="64",
         ADAPTD_LIMITS__MAX_BODY_BYTES="65536",
+        # slow clients are cut off sooner than by default (10 s, 30 s): tests/integration/test_abuse.py
+        ADAPTD_LIMITS__HEADER_TIMEOUT_S="5",
+        ADAPTD_LIMITS__BODY_TIMEOUT_S="5",
         ADAPTD_SHUTDOWN_TIMEOUT_S="10",
         # cycles on the tiny model: a small adapter, few steps, short answers
         ADAPTD_TRAINING__RANK="8",
