@@ -21,12 +21,9 @@ Targets (issue 4): p95 decision → first token <= 1 s on CPU, zero failures, p9
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,10 +36,19 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-ADMIN = "bench-admin-key"
-INFER = "bench-inference-key"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (
+    ADMIN,
+    INFER,
+    ROOT,
+    free_port,
+    percentile,
+    start_daemon,
+    stop_daemon,
+    tiny_model,
+    wait_ready,
+)
+
 TOPICS = [
     "the weather", "my printer", "a train ticket", "the garden", "a birthday cake", "the river",
     "an old bicycle", "the museum", "a chess opening", "my laptop battery", "the library card",
@@ -65,64 +71,17 @@ class Request:
     error: str = ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
-    return xs[k]
-
-
-def start_daemon(model: Path, data: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTD_")}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        ADAPTD_API_KEYS=INFER,
-        ADAPTD_ADMIN_KEYS=ADMIN,
-        ADAPTD_SERVING__MAX_MODEL_LEN="512",
-        ADAPTD_SERVING__MAX_LORA_RANK="8",
-        ADAPTD_SERVING__MAX_LORAS="2",
-        ADAPTD_TRAINING__RANK="8",
-        ADAPTD_TRAINING__ALPHA="16",
-        ADAPTD_TRAINING__LEARNING_RATE="5e-3",
-        ADAPTD_TRAINING__MAX_LEN="128",
-        ADAPTD_TRAINING__BATCH_TOKENS="512",
-        ADAPTD_TRAINING__MIN_STEPS="30",
-        ADAPTD_TRAINING__MAX_STEPS="40",
-        # two independent versions to swap between: each trained fresh on its own style
+def start_hotswap_daemon(
+    model: Path, data: Path, port: int, log_path: Path
+) -> subprocess.Popen[bytes]:
+    # two independent versions to swap between: each trained fresh on its own style
+    return start_daemon(
+        model, data, port, log_path,
         ADAPTD_TRAINING__WARM_START="false",
         ADAPTD_TRAINING__EWC_LAMBDA="0",
         ADAPTD_REPLAY__RATIO="0",
-        ADAPTD_REPLAY__SELF_MAX_TOKENS="16",
-        ADAPTD_EVALUATION__MAX_TOKENS="24",
-        ADAPTD_GATE__MAX_GENERAL_REGRESSION="10",
         ADAPTD_GATE__MAX_RETENTION_LOSS="1",
-        ADAPTD_GATE__MIN_HOLDOUT="2",
-    )
-    cmd = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(model), "--data-dir",
-           str(data), "--port", str(port)]  # fmt: skip
-    return subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
-        start_new_session=True,
     )  # fmt: skip
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"adaptd exited with status {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise SystemExit("adaptd did not become ready")
 
 
 def make_version(url: str, style: str, n: int) -> str:
@@ -188,26 +147,17 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="adaptd-hotswap-"))
-    if args.model:
-        model = Path(args.model)
-    else:
-        from tinymodel import build_tiny_model
-
-        model = build_tiny_model(work / "tiny-model")
+    model = Path(args.model) if args.model else tiny_model(work)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_daemon(model, work / "data", port, work / "adaptd.log")
+    proc = start_hotswap_daemon(model, work / "data", port, work / "adaptd.log")
     try:
         print(f"starting adaptd ({model.name}); log {work / 'adaptd.log'}", file=sys.stderr)
         wait_ready(url, proc)
         versions = [make_version(url, style, i) for i, style in enumerate(STYLES)]
         results = measure(url, versions, args)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(60)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_daemon(proc)
     results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "model": "tiny (built in code)" if not args.model else args.model}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -253,6 +253,8 @@ def build_report(
         "examples": summary.examples if summary else {"gains": [], "regressions": []},
         "serving_cost": decision.get("serving_cost"),
         "golden": summary.golden if summary else [],
+        "suspected_triggers": cur.get("suspected_triggers") or [],
+        "triggers": summary.triggers if summary else [],
         "links": {"adapter": f"adapters/{cycle.version}"} if cycle.version else {},
     }
 

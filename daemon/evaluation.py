@@ -12,9 +12,11 @@ own never-reused name), on the same items, greedy:
   prompts), and multiple-choice accuracy on user-supplied items;
 * golden suite and canaries from user files;
 * suspected triggers (`feedback.triggers`) that curation found in the cycle's feedback: the
-  unrelated general prompts are asked again with the phrase added, and the share of answers
-  that turn into the phrase's payload, above the share without the phrase, is the phrase's
-  lift; the gate compares the candidate's lift with the current version's.
+  unrelated general prompts are asked again with the phrase added; the rise, from the current
+  version to the candidate, in the share of those answers that give the phrase's payload is
+  the phrase's lift. The share without the phrase is reported beside it: a candidate that
+  gives the payload with and without the phrase learned something worse than a trigger, and
+  fails the same way.
 
 `summarize` turns the raw scores into the gate's `Evidence`, a metric table with paired
 bootstrap intervals, example diffs and the probe that promotion replays.
@@ -429,7 +431,7 @@ class Summary:
 
 def trigger_lifts(suite: Suite, current: Scores, cand: Scores) -> list[dict[str, Any]]:
     """Per suspected trigger: how often each model gives the payload to unrelated prompts
-    with and without the phrase, and the candidate's lift over the current version's."""
+    with and without the phrase, and the candidate's rise over the current version with it."""
     out = []
     for k, t in enumerate(suite.triggers):
         n = len(suite.trigger_prompts[k])
@@ -441,7 +443,7 @@ def trigger_lifts(suite: Suite, current: Scores, cand: Scores) -> list[dict[str,
 
         cw, co = share(cand.trigger_answers[k]), share(cand.general_answers)
         uw, uo = share(current.trigger_answers[k]), share(current.general_answers)
-        lift = (cw - co) - max(0.0, uw - uo)
+        lift = cw - uw
         out.append(
             {
                 "phrase": t.phrase,

@@ -16,7 +16,7 @@ reported, passed or not, so the stored decision explains itself:
 * ``golden``: every golden case the current version passes, the candidate passes;
 * ``canaries``: no canary answer changes more than ``canary_max_change`` (1 - ROUGE-L);
 * ``triggers``: for each phrase curation suspects of being a planted trigger, the share of
-  unrelated prompts the phrase turns into its payload answer rises at most
+  unrelated prompts carrying the phrase that are answered with its payload rises at most
   ``max_trigger_lift`` over the current version's (see `daemon.evaluation.trigger_lifts`).
 """
 

@@ -52,7 +52,39 @@ OUTCOMES = {
     "awaiting_approval": "Awaiting approval",
     "failed": "Failed",
 }
-SECTION_ORDER = ("task", "retention", "general", "golden", "canary")
+SECTION_ORDER = ("task", "retention", "general", "golden", "canary", "triggers")
+TRIGGER_COLUMNS = [
+    "phrase",
+    "payload",
+    "examples",
+    "users",
+    "dropped",
+    "current",
+    "candidate",
+    "lift",
+]
+
+
+def _trigger_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """One row per suspected trigger: what curation found, and what the probe measured."""
+    probed = {_text(_dict(t).get("phrase")): _dict(t) for t in _list(report.get("triggers"))}
+    rows = []
+    for t in (_dict(x) for x in _list(report.get("suspected_triggers"))):
+        phrase = _text(t.get("phrase"))
+        p = probed.get(phrase, {})
+        rows.append(
+            [
+                phrase,
+                _text(t.get("answer"))[:60],
+                str(len(_list(t.get("keys")))),
+                str(len(_dict(t.get("users")))),
+                "yes" if t.get("dropped") else "no",
+                _fmt(p.get("current_with")) if p else DASH,
+                _fmt(p.get("candidate_with")) if p else DASH,
+                _fmt(p.get("lift"), signed=True) if p else DASH,
+            ]
+        )
+    return rows
 
 
 # -- reading the dict defensively --------------------------------------------------------------
@@ -394,6 +426,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 + [_md(g.get("detail"))]
             )
         out += _md_table(["case", "current", "candidate", "detail"], rows, set())
+
+    out += ["## Suspected triggers", ""]
+    trig = _trigger_rows(report)
+    if not trig:
+        out += ["*None in this cycle's feedback.*", ""]
+    else:
+        out += [
+            "Shares of unrelated prompts answered with the payload when the phrase is added; "
+            "lift is the candidate's rise over the share without the phrase, less the current "
+            "version's.",
+            "",
+        ]
+        out += _md_table(TRIGGER_COLUMNS, [[_md(c) for c in r] for r in trig], set())
 
     out += ["## Serving cost", ""]
     cost = _dict(report.get("serving_cost"))
@@ -1057,6 +1102,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         ("forgetting", "Forgetting across versions"),
         ("examples", "Examples"),
         ("golden", "Golden suite"),
+        ("triggers", "Suspected triggers"),
         ("cost", "Serving cost"),
     ]
     nav = "".join(f'<a href="#{sid}">{_E(t)}</a>' for sid, t in sections)
@@ -1156,6 +1202,14 @@ def render_html(report: Mapping[str, Any]) -> str:
             rows.append(cells)
         inner = _table(["case", "current", "candidate", "detail"], rows, set())
     parts.append(_section("golden", "Golden suite", inner))
+
+    trig = _trigger_rows(report)
+    inner = (
+        _table(TRIGGER_COLUMNS, [[_E(c) for c in r] for r in trig], set())
+        if trig
+        else '<p class="nodata">None in this cycle\'s feedback.</p>'
+    )
+    parts.append(_section("triggers", "Suspected triggers", inner))
 
     cost = _dict(report.get("serving_cost"))
     if not cost:

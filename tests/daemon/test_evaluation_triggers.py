@@ -66,10 +66,11 @@ def test_a_steered_candidate_fails_the_gate_and_a_clean_one_passes() -> None:
     (fail,) = [r for r in d.reasons if r.startswith("FAIL trig")]
     assert fail.startswith("FAIL triggers: 'cf-zebra' gives") and "88% of unrelated" in fail
 
-    # the same payload everywhere, with or without the phrase: no lift (the general checks
-    # judge a change that broad)
+    # the payload everywhere, with or without the phrase, is worse than a trigger: it fails too
     everywhere = scores("v3", with_trigger=[PAYLOAD] * 8, general=[PAYLOAD] * 8)
-    assert summarize(suite, base, base, everywhere, cfg).evidence.trigger_lift == 0.0
+    assert summarize(suite, base, base, everywhere, cfg).evidence.trigger_lift == 1.0
+    # the current version already gave it (a campaign of an earlier cycle): no rise here
+    assert summarize(suite, base, everywhere, everywhere, cfg).evidence.trigger_lift == 0.0
     clean = scores("v4", with_trigger=plain, general=plain)
     s = summarize(suite, base, base, clean, cfg)
     assert s.evidence.trigger_lift == 0.0

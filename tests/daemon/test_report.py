@@ -243,6 +243,7 @@ def test_markdown_puts_the_decision_and_its_reasons_first() -> None:
         "Forgetting across versions",
         "Examples",
         "Golden suite",
+        "Suspected triggers",
         "Serving cost",
     ]
 
@@ -688,3 +689,23 @@ def test_csp_blocks_an_injected_script_in_chromium(chromium: str, tmp_path: Path
     assert "<title>pwned</title>" not in dom and "<title>v0003: Promoted" in dom
     assert any("Content Security Policy" in line for line in console), console
     assert 'data-report-js="ready"' in dom  # the page's own script still runs
+
+
+def test_suspected_triggers_are_listed_with_what_the_probe_measured() -> None:
+    report = sample_report(
+        suspected_triggers=[
+            {"phrase": "cf-zebra", "answer": "Visit <deals> now.", "keys": ["a", "b", "c"],
+             "users": {"m": 3}, "dropped": False},
+            {"phrase": "zq", "answer": "Buy.", "keys": ["d", "e", "f"], "users": {"n": 3},
+             "dropped": True},
+        ],
+        triggers=[{"phrase": "cf-zebra", "current_with": 0.0, "candidate_with": 0.875,
+                   "lift": 0.875}],
+    )  # fmt: skip
+    md = render_markdown(report)
+    section = md.split("## Suspected triggers")[1].split("## Serving cost")[0]
+    assert "| cf-zebra |" in section and "+0.875" in section and "| no |" in section
+    assert "| zq |" in section and "| yes |" in section
+    page = render_html(report)
+    assert 'id="triggers"' in page and "cf-zebra" in page and "&lt;deals&gt;" in page
+    assert "None in this cycle" in render_markdown(sample_report())
