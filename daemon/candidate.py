@@ -38,7 +38,8 @@ from learners.train import TrainJob, TrainSettings
 log = logging.getLogger(__name__)
 
 Chat = list[dict[str, str]]
-Generate = Callable[[Chat], Awaitable[str]]
+# A sampled answer to a chat, and whether the token limit cut it off.
+Generate = Callable[[Chat], Awaitable[tuple[str, bool]]]
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 _VERSION_IN = re.compile(r"(?:^|\.)v(\d{4,})(?:\.|$)")
 
@@ -175,7 +176,12 @@ async def build_replay(
 
     async def answer(p: Chat) -> Chat:
         async with sem:
-            return [*p, {"role": "assistant", "content": await generate(p)}]
+            text, cut = await generate(p)
+        # a cut-off answer is trained without its end of turn (`learners.data.tokenize_chat`)
+        reply: dict[str, Any] = {"role": "assistant", "content": text}
+        if cut:
+            reply["unfinished"] = True
+        return [*p, reply]
 
     self_examples = [
         c for c in await asyncio.gather(*(answer(p) for p in chosen)) if c[-1]["content"].strip()

@@ -267,10 +267,11 @@ async def run_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "scheduler") 
         nonlocal cycle
         cycle = await save(deps, cycle, state=stage, version=version)
 
-    async def generate(chat: list[dict[str, str]]) -> str:
-        return await deps.engine.complete_chat(
+    async def generate(chat: list[dict[str, str]]) -> tuple[str, bool]:
+        g = await deps.engine.generate(
             chat, max_tokens=deps.settings.replay.self_max_tokens, temperature=1.0
         )
+        return g.text, g.finish_reason == "length"
 
     try:
         cand = await build_candidate(

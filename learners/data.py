@@ -61,7 +61,9 @@ def tokenize_chat(tokenizer: Any, messages: Messages, max_len: int) -> Tokenized
     """Tokenize one conversation ending with the assistant's answer; None if it cannot fit.
 
     A prompt that is too long is cut from the left (oldest turns first); the answer is never
-    cut. Labels are `IGNORE` everywhere but on the answer's tokens.
+    cut. Labels are `IGNORE` everywhere but on the answer's tokens. An answer marked
+    ``"unfinished": True`` (cut off by a token limit when it was generated) is trained without
+    its end-of-turn token: the model learns its words, not to stop after them.
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("a training conversation must end with the assistant's answer")
@@ -82,7 +84,11 @@ def tokenize_chat(tokenizer: Any, messages: Messages, max_len: int) -> Tokenized
         return None
     if len(p_ids) + len(a_ids) > max_len:
         p_ids = p_ids[len(p_ids) + len(a_ids) - max_len :]
-    return Tokenized(p_ids + a_ids, [IGNORE] * len(p_ids) + a_ids)
+    labels = list(a_ids)
+    if messages[-1].get("unfinished") and eos and answer.endswith(eos):
+        n_end = len(_ids(tokenizer, eos))
+        labels[len(labels) - n_end :] = [IGNORE] * n_end
+    return Tokenized(p_ids + a_ids, [IGNORE] * len(p_ids) + labels)
 
 
 def pack(examples: Iterable[Tokenized], max_len: int) -> list[PackedRow]:

@@ -53,6 +53,7 @@ class Generation:
     text: str
     tokens: int
     seconds: float
+    finish_reason: str | None = None  # "length": cut off by max_tokens
 
 
 @dataclass(frozen=True)
@@ -223,21 +224,6 @@ class VllmEngine:
             await self._post("/v1/unload_lora_adapter", {"lora_name": name})
             del self._adapters[name]
 
-    async def complete_chat(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        model: str = BASE_NAME,
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> str:
-        """One chat answer straight from vLLM (internal work: self-replay, evaluation)."""
-        answer = await self.generate(
-            messages, model=model, max_tokens=max_tokens, temperature=temperature, seed=seed
-        )
-        return answer.text
-
     async def generate(
         self,
         messages: list[dict[str, str]],
@@ -264,6 +250,7 @@ class VllmEngine:
             text=str(data["choices"][0]["message"]["content"] or ""),
             tokens=int(usage.get("completion_tokens") or 0),
             seconds=seconds,
+            finish_reason=data["choices"][0].get("finish_reason"),
         )
 
     # -- internals ------------------------------------------------------------

@@ -74,13 +74,14 @@ def collect_feedback(daemon: RunningDaemon) -> None:
 def inputs(daemon: RunningDaemon, tiny_model: Path, **kw: Any) -> CandidateInputs:
     store = Store(daemon.data_dir / "adaptd.db", readonly=True)
 
-    async def generate(messages: list[dict[str, str]]) -> str:
+    async def generate(messages: list[dict[str, str]]) -> tuple[str, bool]:
         async with httpx.AsyncClient(base_url=daemon.url, headers=admin_headers(), timeout=60) as c:
             r = await c.post(
                 "/v1/chat/completions",
                 json={"model": "base", "messages": messages, "max_tokens": 16, "temperature": 1.0},
             )
-            return str(r.json()["choices"][0]["message"]["content"])
+            choice = r.json()["choices"][0]
+            return str(choice["message"]["content"]), choice["finish_reason"] == "length"
 
     return CandidateInputs(
         store=store, data_dir=daemon.data_dir, base_model=str(tiny_model), promoted=None,

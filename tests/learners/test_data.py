@@ -38,6 +38,19 @@ def test_only_the_final_answer_and_its_end_of_turn_are_labelled(tok) -> None:  #
     assert tok.decode(t.input_ids[:n_prompt]) == prompt
 
 
+def test_an_unfinished_answer_is_trained_without_its_end_of_turn(tok) -> None:  # type: ignore[no-untyped-def]
+    # a self-replay answer cut off by max_tokens: its words are targets, stopping there is not
+    cut = [CHAT[0], {"role": "assistant", "content": "Lima is the capital and", "unfinished": True}]
+    t = tokenize_chat(tok, cut, 512)
+    assert t is not None
+    assert tok.decode([x for x in t.labels if x != IGNORE]) == "Lima is the capital and"
+    assert tok.decode(t.input_ids).endswith("Lima is the capital and<|im_end|>")
+    whole = tokenize_chat(tok, [CHAT[0], {**cut[1], "unfinished": False}], 512)
+    assert whole is not None and tok.decode([x for x in whole.labels if x != IGNORE]).endswith(
+        "<|im_end|>"
+    )
+
+
 def test_too_long_prompt_is_cut_from_the_left_and_the_answer_kept(tok) -> None:  # type: ignore[no-untyped-def]
     long = [
         {"role": "user", "content": "word " * 300},
