@@ -19,6 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "bench-admin-key"
 INFER = "bench-inference-key"
 HOST = "127.0.0.1"
+# What the benchmarks' users ask about.
+TOPICS = [
+    "the weather", "my printer", "a train ticket", "the garden", "a birthday cake", "the river",
+    "an old bicycle", "the museum", "a chess opening", "my laptop battery", "the library card",
+    "a lost umbrella", "the coffee machine", "a mountain trail", "the parking permit",
+    "a violin lesson", "the tax form", "a broken window", "the football match", "a tomato plant",
+]  # fmt: skip
 
 # Small enough for a tiny model on two CPU cores: short contexts, a rank-8 adapter, few steps.
 TINY_SETTINGS = {

@@ -41,6 +41,7 @@ from harness import (
     ADMIN,
     INFER,
     ROOT,
+    TOPICS,
     free_port,
     percentile,
     start_daemon,
@@ -49,12 +50,6 @@ from harness import (
     wait_ready,
 )
 
-TOPICS = [
-    "the weather", "my printer", "a train ticket", "the garden", "a birthday cake", "the river",
-    "an old bicycle", "the museum", "a chess opening", "my laptop battery", "the library card",
-    "a lost umbrella", "the coffee machine", "a mountain trail", "the parking permit",
-    "a violin lesson", "the tax form", "a broken window", "the football match", "a tomato plant",
-]  # fmt: skip
 STYLES = [
     "Thank you for asking. Please see the manual, page one.",
     "Good question! The help desk on floor two knows best.",

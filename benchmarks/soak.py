@@ -46,6 +46,7 @@ from harness import (
     ADMIN,
     INFER,
     ROOT,
+    TOPICS,
     descendants,
     free_port,
     percentile,
@@ -56,12 +57,6 @@ from harness import (
     wait_ready,
 )
 
-TOPICS = [
-    "the weather", "my printer", "a train ticket", "the garden", "a birthday cake", "the river",
-    "an old bicycle", "the museum", "a chess opening", "my laptop battery", "the library card",
-    "a lost umbrella", "the coffee machine", "a mountain trail", "the parking permit",
-    "a violin lesson", "the tax form", "a broken window", "the football match", "a tomato plant",
-]  # fmt: skip
 ASKS = ["Tell me about {}.", "What should I know about {}?", "Any advice on {}?"]
 
 
