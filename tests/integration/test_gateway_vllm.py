@@ -143,7 +143,9 @@ def test_completions_plain_and_streaming(oai: openai.OpenAI, daemon: RunningDaem
 
 
 def test_aborted_stream_is_marked(daemon: RunningDaemon) -> None:
-    body = {**CHAT, "max_tokens": 64, "stream": True}
+    # ignore_eos (a vLLM sampling parameter, passed through): all 64 tokens are generated, so
+    # the answer cannot end on its own before the hang-up is seen (it did, now and then)
+    body = {**CHAT, "max_tokens": 64, "stream": True, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {INFERENCE_KEY}"}
     with httpx.stream(
         "POST", daemon.url + "/v1/chat/completions", json=body, headers=headers, timeout=60
