@@ -20,6 +20,9 @@ import httpx
 import pytest
 from tinymodel import build_tiny_model
 
+from daemon.config import CurationConfig
+from feedback.curate import CurationSettings, in_holdout
+
 INFERENCE_KEY = "test-inference-key"
 ADMIN_KEY = "test-admin-key"
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +33,29 @@ def die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def held_out(interaction_id: str) -> bool:
+    """Whether curation, at the daemon's default fraction and salt, keeps this interaction out
+    of training (for evaluation)."""
+    return in_holdout(interaction_id, CurationConfig().holdout_fraction, CurationSettings().salt)
+
+
+def chat_on_side(client: httpx.Client, body: dict[str, object], holdout: bool) -> httpx.Response:
+    """A chat completion whose interaction lands on the chosen side of the holdout split.
+
+    The split hangs on the interaction id, which the gateway draws at random; a cycle fed a
+    couple of dozen items holds out fewer than two now and then (0.8**24 + 24 * 0.2 * 0.8**23,
+    about 3 %) and fails its gate for want of a holdout. Asking again until the id falls on the
+    wanted side makes the tests' cycles deterministic; the extra interactions carry no feedback,
+    so curation never sees them.
+    """
+    for _ in range(100):  # (1 - 0.2) ** 100: never in practice
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        if held_out(r.json()["id"]) == holdout:
+            return r
+    raise AssertionError(f"100 interactions, none with holdout={holdout}")
 
 
 def free_port() -> int:

@@ -22,7 +22,14 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ADMIN_KEY, ROOT, RunningDaemon, admin_headers, inference_headers
+from conftest import (
+    ADMIN_KEY,
+    ROOT,
+    RunningDaemon,
+    admin_headers,
+    chat_on_side,
+    inference_headers,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -49,7 +56,12 @@ def chat(c: httpx.Client, prompt: str, model: str = "adaptd", **kw: Any) -> http
 def give_feedback(daemon: RunningDaemon, answers: dict[str, str]) -> None:
     with httpx.Client(base_url=daemon.url, headers=inference_headers(), timeout=60) as c:
         for n, (prompt, answer) in enumerate(answers.items()):
-            r = chat(c, prompt)
+            if n < 3:  # the gate needs a holdout (2 here): three items surely held out
+                body = {"model": "adaptd", "max_tokens": 8,
+                        "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+                r = chat_on_side(c, body, holdout=True)
+            else:
+                r = chat(c, prompt)
             assert r.status_code == 200, r.text
             fb = c.post(
                 "/v1/feedback",

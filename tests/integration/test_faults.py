@@ -5,18 +5,21 @@ their own (one daemon for the whole module, started once):
   running daemon to the size of its database files, so the database cannot grow (EFBIG, as a
   full disk gives ENOSPC); then on the training child, so the adapter it writes does not fit;
 * another program holding SQLite's write lock past the busy timeout;
-* vLLM killed in the middle of a swap, while the promoted version's file has been corrupted.
+* vLLM killed in the middle of a swap, while the promoted version's file has been corrupted;
+* a client hanging up in the middle of a long streamed answer.
 
 Throughout: no 500, inference keeps answering, every acknowledged feedback row is there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import shutil
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -26,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningDaemon, admin_headers, inference_headers
+from conftest import INFERENCE_KEY, RunningDaemon, admin_headers, inference_headers
 from procs import cmdline, descendants, wait_for
 
 from daemon.promotion import sha256_of
@@ -51,6 +54,9 @@ def faulty(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             # the cycle here only has to reach the adapter's write: a short run, no Fisher
             "ADAPTD_TRAINING__STEPS": "4",
             "ADAPTD_TRAINING__EWC_LAMBDA": "0",
+            # long answers for the hang-up: the shared daemon's 64 tokens take the tiny model
+            # a few hundred ms, which a busy machine can spend before the gateway runs again
+            "ADAPTD_LIMITS__MAX_TOKENS": "448",
         },
     )  # fmt: skip
     d.start()
@@ -93,6 +99,55 @@ def metric(d: RunningDaemon, line_start: str) -> float:
         if line.startswith(line_start):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def vllm_tokens(d: RunningDaemon) -> float:
+    """How many tokens vLLM has generated, by its own count (its /metrics needs no key)."""
+    assert d.proc is not None
+    args = next(cmdline(p).split() for p in descendants(d.proc.pid) if "--enable-lora" in cmdline(p))
+    port = args[args.index("--port") + 1]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:generation_tokens_total{")
+    )
+
+
+def test_a_client_hanging_up_mid_stream_is_logged_aborted_and_vllm_stops(
+    faulty: RunningDaemon,
+) -> None:
+    """The client hangs up at its first event, or at 0.5 s if none has come by then (on a busy
+    machine the tiny model's vLLM can leave its frontend unscheduled while it makes the whole
+    answer). 448 tokens (ignore_eos, a vLLM sampling parameter, passed through) take the tiny
+    model seconds, so the answer is unfinished either way."""
+    marker = f"hang-up {time.time_ns()}"
+    body = json.dumps({"model": "adaptd", "messages": [{"role": "user", "content": marker}],
+                       "max_tokens": 448, "stream": True, "ignore_eos": True}).encode()  # fmt: skip
+    before = vllm_tokens(faulty)
+    with socket.create_connection(("127.0.0.1", faulty.port), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: adaptd\r\n"
+            b"authorization: Bearer %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (INFERENCE_KEY.encode(), len(body), body)
+        )
+        got, deadline = b"", time.monotonic() + 0.5
+        while b"data: " not in got and (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            with contextlib.suppress(TimeoutError):
+                got += s.recv(65536)
+
+    def rows() -> list[dict[str, Any]]:
+        with sqlite3.connect(faulty.data_dir / "adaptd.db") as conn:
+            conn.row_factory = sqlite3.Row
+            found = conn.execute("SELECT * FROM interactions WHERE instr(request, ?)", [marker])
+            return [dict(r) for r in found]
+
+    wait_for(rows, 30, "the interaction's row")
+    assert [(r["status"], r["completion_tokens"]) for r in rows()] == [("aborted", None)], (got, rows())
+    # the gateway dropped its upstream connection, and vLLM stopped making the answer
+    time.sleep(3)  # 448 tokens take the tiny model longer than this
+    assert vllm_tokens(faulty) - before < 100, (before, vllm_tokens(faulty), rows())
 
 
 def test_a_full_disk_refuses_feedback_with_507_and_serving_goes_on(faulty: RunningDaemon) -> None:

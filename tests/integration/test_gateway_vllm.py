@@ -142,21 +142,6 @@ def test_completions_plain_and_streaming(oai: openai.OpenAI, daemon: RunningDaem
     assert interaction(daemon, chunks[0].id)["stream"] == 1
 
 
-def test_aborted_stream_is_marked(daemon: RunningDaemon) -> None:
-    # ignore_eos (a vLLM sampling parameter, passed through): all 64 tokens are generated, so
-    # the answer cannot end on its own before the hang-up is seen (it did, now and then)
-    body = {**CHAT, "max_tokens": 64, "stream": True, "ignore_eos": True}
-    headers = {"Authorization": f"Bearer {INFERENCE_KEY}"}
-    with httpx.stream(
-        "POST", daemon.url + "/v1/chat/completions", json=body, headers=headers, timeout=60
-    ) as r:
-        iid = r.headers["x-adaptd-interaction-id"]
-        for _ in r.iter_lines():
-            break  # hang up after the first event
-    row = interaction(daemon, iid)
-    assert row["status"] == "aborted"
-
-
 def test_models_lists_aliases(oai: openai.OpenAI) -> None:
     assert {m.id for m in oai.models.list()} >= {"adaptd", "base"}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningDaemon, admin_headers, inference_headers
+from conftest import RunningDaemon, admin_headers, chat_on_side, inference_headers
 from procs import alive, cmdline, descendants, wait_for
 
 pytestmark = pytest.mark.vllm
@@ -46,9 +46,14 @@ def paused(
 def feedback(daemon: RunningDaemon, style: str, tag: str) -> None:
     with httpx.Client(base_url=daemon.url, headers=inference_headers(), timeout=60) as c:
         for i in range(24):
-            r = c.post("/v1/chat/completions", json={
-                "model": "adaptd", "max_tokens": 4,
-                "messages": [{"role": "user", "content": f"{tag} question {i}: what about item {i * 7}?"}]})  # fmt: skip
+            body = {"model": "adaptd", "max_tokens": 4,
+                    "messages": [{"role": "user", "content": f"{tag} question {i}: what about item {i * 7}?"}]}  # fmt: skip
+            # three surely held out: the gate needs two to judge the resumed cycle at all
+            r = (
+                chat_on_side(c, body, holdout=i < 3)
+                if i < 3
+                else c.post("/v1/chat/completions", json=body)
+            )
             assert r.status_code == 200
             fb = c.post("/v1/feedback", json={"interaction_id": r.json()["id"],
                                                "correction": style, "user": f"u{i % 6}"})  # fmt: skip
