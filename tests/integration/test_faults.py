@@ -104,7 +104,9 @@ def metric(d: RunningDaemon, line_start: str) -> float:
 def vllm_tokens(d: RunningDaemon) -> float:
     """How many tokens vLLM has generated, by its own count (its /metrics needs no key)."""
     assert d.proc is not None
-    args = next(cmdline(p).split() for p in descendants(d.proc.pid) if "--enable-lora" in cmdline(p))
+    args = next(
+        cmdline(p).split() for p in descendants(d.proc.pid) if "--enable-lora" in cmdline(p)
+    )
     port = args[args.index("--port") + 1]
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     return sum(
@@ -144,7 +146,8 @@ def test_a_client_hanging_up_mid_stream_is_logged_aborted_and_vllm_stops(
             return [dict(r) for r in found]
 
     wait_for(rows, 30, "the interaction's row")
-    assert [(r["status"], r["completion_tokens"]) for r in rows()] == [("aborted", None)], (got, rows())
+    row = rows()
+    assert [(r["status"], r["completion_tokens"]) for r in row] == [("aborted", None)], (got, row)
     # the gateway dropped its upstream connection, and vLLM stopped making the answer
     time.sleep(3)  # 448 tokens take the tiny model longer than this
     assert vllm_tokens(faulty) - before < 100, (before, vllm_tokens(faulty), rows())
