@@ -60,6 +60,7 @@ class Snapshot:
 @dataclass(frozen=True)
 class ReplayMix:
     examples: list[Chat]
+    sources: list[str]  # each example's pool: general, self or past
     counts: dict[str, int]
     general_pool: list[Chat]  # for the first cycle's Fisher
     reservoir: list[Chat]  # what the next cycle may replay from this version
@@ -169,8 +170,10 @@ async def build_replay(
     counts = _shares(
         cfg, {"general": bool(general), "self": bool(prompts), "past": bool(past)}, total
     )
-    # The base model's own *sampled* answers (temperature 1): training on a model's samples has
-    # zero expected gradient at that model, so they anchor its behaviour without sharpening it.
+    # The served model's own *sampled* answers (temperature 1): training on a model's samples
+    # has zero expected gradient at that model, so they anchor its behaviour without sharpening
+    # it. The served model, not the base: the base model's answers would unteach what earlier
+    # cycles taught (`generate` is the caller's; docs/learning.md has the figures).
     chosen = [prompts[i % len(prompts)] for i in range(counts["self"])] if prompts else []
     sem = asyncio.Semaphore(8)
 
@@ -208,6 +211,7 @@ async def build_replay(
     )
     return ReplayMix(
         examples=[ex for _, ex in mixed],
+        sources=[name for name, _ in mixed],
         counts=got,
         general_pool=(general[:64] + self_examples[:64]),
         reservoir=reservoir,
@@ -420,6 +424,7 @@ class CandidateInputs:
     replay: ReplaySettings
     curation: CurationConfig
     on_stage: Callable[[str, str], Awaitable[None]] | None = None  # (stage, version)
+    self_replay_from: str = "base"  # the model `generate` asks, for the manifest
     version: str | None = None
     min_examples: int = 1
     nan_at_step: int | None = None
@@ -509,6 +514,7 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
             "feedback_ids": sorted(fb.id for fb, _ in snap.pairs),
             "curation": cur.report.to_dict(),
             "replay": mix.counts,
+            "self_replay_from": inp.self_replay_from,
             "train_examples": len(new),
             "holdout_examples": len(cur.holdout),
         },
@@ -521,6 +527,10 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
         "reservoir.json": lambda p: p.write_text(json.dumps({"seen": mix.reservoir_seen})),
         "holdout.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.holdout]),
         "train.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.train]),
+        "replay.jsonl": lambda p: _write_jsonl(
+            p,
+            [{"source": s, "messages": m} for s, m in zip(mix.sources, mix.examples, strict=True)],
+        ),
         "eval_only.jsonl": lambda p: _write_jsonl(p, [asdict(e) for e in cur.eval_only]),
     }
     try:

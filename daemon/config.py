@@ -148,7 +148,7 @@ class ReplaySettings(_Section):
     ratio: float = Field(1.0, ge=0, description="Replayed examples per new example.")
     general_share: float = Field(0.3, ge=0, description="Share of replay from `general_path`.")
     self_share: float = Field(
-        0.4, ge=0, description="Share of replay from the base model's own answers."
+        0.4, ge=0, description="Share of replay from the served version's own answers."
     )
     past_share: float = Field(
         0.3, ge=0, description="Share of replay from earlier cycles' examples."

@@ -29,6 +29,7 @@ from daemon.candidate import (
     Candidate,
     CandidateError,
     CandidateInputs,
+    Generate,
     build_candidate,
     finalize_version,
     staging_dir,
@@ -43,7 +44,7 @@ from learners.lora import admission_problems
 from learners.run import TrainingFailed
 from learners.run import stopping as learner_stopping
 from learners.score import ScoringFailed, score_in_child
-from serving.engine import EngineError, VllmEngine
+from serving.engine import BASE_NAME, EngineError, VllmEngine
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,19 @@ def build_report(
     }
 
 
+def self_replay_generator(engine: VllmEngine, served: str, max_tokens: int) -> Generate:
+    """Self-replay answers, sampled (temperature 1) from the served version: the model the
+    candidate is to replace. The base model while none is promoted, or if the served version
+    left vLLM meanwhile (a rollback during the cycle)."""
+
+    async def generate(chat: list[dict[str, str]]) -> tuple[str, bool]:
+        model = served if served in engine.loaded_adapters else BASE_NAME
+        g = await engine.generate(chat, model=model, max_tokens=max_tokens, temperature=1.0)
+        return g.text, g.finish_reason == "length"
+
+    return generate
+
+
 async def run_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "scheduler") -> Cycle:
     """Run one cycle to its end; never raises for a failed or rejected candidate."""
     cycle = await save(deps, cycle, state="curating")
@@ -267,11 +281,8 @@ async def run_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "scheduler") 
         nonlocal cycle
         cycle = await save(deps, cycle, state=stage, version=version)
 
-    async def generate(chat: list[dict[str, str]]) -> tuple[str, bool]:
-        g = await deps.engine.generate(
-            chat, max_tokens=deps.settings.replay.self_max_tokens, temperature=1.0
-        )
-        return g.text, g.finish_reason == "length"
+    served = deps.promoter.promoted or BASE_NAME
+    generate = self_replay_generator(deps.engine, served, deps.settings.replay.self_max_tokens)
 
     try:
         cand = await build_candidate(
@@ -281,6 +292,7 @@ async def run_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "scheduler") 
                 base_model=deps.base_model,
                 promoted=deps.promoter.promoted,
                 generate=generate,
+                self_replay_from=served,
                 training=deps.settings.training,
                 replay=deps.settings.replay,
                 curation=deps.settings.curation,

@@ -14,10 +14,11 @@ from tinymodel import make_random_adapter
 
 from daemon.candidate import Candidate, staging_dir
 from daemon.config import load_settings
-from daemon.cycle import CycleDeps, judge, new_cycle
+from daemon.cycle import CycleDeps, judge, new_cycle, self_replay_generator
 from daemon.promotion import Promoter
 from feedback.store import Store
 from feedback.writer import Writer
+from serving.engine import Generation
 
 
 class NeverLoad:
@@ -82,3 +83,36 @@ def test_non_finite_candidate_is_rejected_without_touching_vllm(
         writer.close()
         store.close()
         reader.close()
+
+
+class Answers:
+    """A vLLM stand-in for self-replay: answers with the model's name; adapters as given."""
+
+    def __init__(self, loaded: set[str]) -> None:
+        self.loaded_adapters = {name: f"/adapters/{name}" for name in loaded}
+        self.asked: list[tuple[str, float, int]] = []
+
+    async def generate(
+        self, messages: object, *, model: str, max_tokens: int, temperature: float
+    ) -> object:
+        self.asked.append((model, temperature, max_tokens))
+        reason = "length" if model == "base" else "stop"
+        return Generation(text=f"from {model}", tokens=3, seconds=0.0, finish_reason=reason)
+
+
+@pytest.mark.parametrize(
+    ("served", "loaded", "asked"),
+    [
+        ("v-0002", {"v-0001", "v-0002"}, "v-0002"),  # the served version answers
+        ("base", set(), "base"),  # nothing promoted yet
+        ("v-0002", {"v-0001"}, "base"),  # rolled back during the cycle: it left vLLM
+    ],
+)
+def test_self_replay_is_sampled_from_the_served_version(
+    served: str, loaded: set[str], asked: str
+) -> None:
+    engine = Answers(loaded)
+    generate = self_replay_generator(engine, served, 16)  # type: ignore[arg-type]
+    text, cut = asyncio.run(generate([{"role": "user", "content": "Hi"}]))
+    assert text == f"from {asked}" and cut is (asked == "base")
+    assert engine.asked == [(asked, 1.0, 16)]

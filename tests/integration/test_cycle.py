@@ -177,6 +177,17 @@ def test_a_candidate_trained_on_garbage_is_rejected_and_never_served(
     report = admin.get(f"/reports/{bad}.json").json()
     assert report["decision"]["outcome"] == "rejected"
     STATE["bad"] = bad
+    # Its self-replay was asked of the served version; the first cycle's, of the base model.
+    # (The tiny model's samples at temperature 1 are too varied to tell the two apart by text:
+    # tests/daemon/test_cycle_judge.py checks which model is asked.)
+    for version, served in ((STATE["good"], "base"), (bad, STATE["good"])):
+        folder = daemon.data_dir / "adapters" / version
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["data"]["self_replay_from"] == served
+        replayed = [json.loads(x) for x in (folder / "state/replay.jsonl").read_text().splitlines()]
+        assert Counter(r["source"] for r in replayed) == {
+            k: n for k, n in manifest["data"]["replay"].items() if n
+        }
 
 
 def load(daemon: RunningDaemon, stop: threading.Event, results: list[tuple[str, str]]) -> None:
