@@ -41,14 +41,18 @@ the product's defaults unless given here, each task continuing from the previous
 
 * ``plain``: the task's examples alone;
 * ``replay``: plus ``--replay-ratio`` x as many replayed examples, mixed by `learners.replay.mix`
-  from general text (30 %: "continue this passage" chats on SOTU replay documents), the base
+  from general text (30 %: "continue this passage" chats on SOTU replay documents), the
   model's own sampled answers to general prompts (40 %, temperature 1, as the daemon's
-  self-replay) and a reservoir (`learners.replay.reservoir_update`) of earlier tasks' examples
-  (30 %); the shares are the daemon's defaults;
+  self-replay: answered by the adapter the task starts from, the base model for the first) and
+  a reservoir (`learners.replay.reservoir_update`) of earlier tasks' examples (30 %); the
+  shares are the daemon's defaults;
 * ``ewc``: EWC (``--ewc-lambda``, online with ``--ewc-decay``): the first task's Fisher comes
   from general data at the start, then each task's state (Fisher + anchor) goes to the next, as
   `daemon.candidate.build_candidate` passes ``ewc_state``;
-* ``both``: replay and EWC.
+* ``both``: replay and EWC;
+* ``replay-base``, ``both-base``: the same, with self-replay always answered by the base
+  model (the daemon's earlier rule: it undid learned answer styles, see
+  docs/learning.md).
 
 They run in the order plain, both, replay, ewc (so that a run cut short still has the two arms
 the targets compare); tables and plots show them in the order above.
@@ -123,16 +127,21 @@ LICENCE = (
 )
 
 TASKS = ("style", "sotu", "capitals")
+# arm: (replay, EWC, whose answers self-replay trains on: the model as it stands before the
+# task, as the daemon does, or always the base model's, as the daemon once did)
 ARMS = {
-    "plain": (False, False),
-    "replay": (True, False),
-    "ewc": (False, True),
-    "both": (True, True),
+    "plain": (False, False, None),
+    "replay": (True, False, "current"),
+    "ewc": (False, True, None),
+    "both": (True, True, "current"),
+    "replay-base": (True, False, "base"),
+    "both-base": (True, True, "base"),
 }
 REPLAY_SHARES = {"general": 0.3, "self": 0.4, "past": 0.3}  # the daemon's defaults
 STYLE_OPEN = "Thanks for asking!"
 STYLE_CLOSE = "- The adaptd help desk"
-COLOURS = {"plain": "#7f7f7f", "replay": "#1f77b4", "ewc": "#ff7f0e", "both": "#2ca02c"}
+COLOURS = {"plain": "#7f7f7f", "replay": "#1f77b4", "ewc": "#ff7f0e", "both": "#2ca02c",
+           "replay-base": "#9ecae1", "both-base": "#a1d99b"}  # fmt: skip
 
 Chat = list[dict[str, str]]
 
@@ -784,8 +793,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     }
     out = Path(args.out) if args.out else default_out(results)
     for arm in args.arms:
-        use_replay, use_ewc = ARMS[arm]
+        use_replay, use_ewc, self_from = ARMS[arm]
         t_arm = time.perf_counter()
+        own = self_replay  # before the first task the model is the base model
         warm: Path | None = None
         ewc_state: Path | None = None
         reservoir: list[Chat] = []
@@ -796,7 +806,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             replayed: list[tuple[str, Chat]] = []
             if use_replay:
                 replayed = replay_lib.mix(
-                    {"general": general_replay, "self": self_replay, "past": reservoir},
+                    {"general": general_replay, "self": own, "past": reservoir},
                     REPLAY_SHARES,
                     round(args.replay_ratio * len(task.train)),
                     rng,
@@ -837,6 +847,15 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             t_eval = time.perf_counter()
             model = r.load(result.adapter_dir)
             ev = evaluate(r, model, tasks, general)
+            if self_from == "current" and j + 1 < len(tasks):
+                # the next task's self-replay: this adapter's own sampled answers
+                outs = r.generate(model, [chat(p) for p in self_prompts], args.self_tokens,
+                                  sample=True, seed=args.seed + j + 1)  # fmt: skip
+                own = [
+                    chat(p, o.strip())
+                    for p, (o, _) in zip(self_prompts, outs, strict=True)
+                    if o.strip()
+                ]
             del model
             r.release()
             ev["train"] = {
@@ -947,7 +966,7 @@ def print_table(results: dict[str, Any]) -> None:
         + f", general NLL {base['general_nll']:.4f}\n"
     )
     head = (
-        f"{'arm':<8}{'task gain':>10}{'x plain':>9}{'general NLL':>13}{'sotu':>9}{'moby':>9}"
+        f"{'arm':<12}{'task gain':>10}{'x plain':>9}{'general NLL':>13}{'sotu':>9}{'moby':>9}"
         f"{'BWT':>8}{'BWT NLL':>9}{'steps':>7}{'train s':>9}{'wall s':>8}"
     )
     print(head)
@@ -956,7 +975,7 @@ def print_table(results: dict[str, Any]) -> None:
         m = a["metrics"]
         src = m["general_nll_change_pct_by_source"]
         print(
-            f"{arm:<8}{num(m['task_gain'], '+10.1f')}{num(m['gain_ratio'], '9.2f')}"
+            f"{arm:<12}{num(m['task_gain'], '+10.1f')}{num(m['gain_ratio'], '9.2f')}"
             f"{num(m['general_nll_change_pct'], '+11.2f')} %"
             f"{num(src.get('sotu'), '+7.2f')} %{num(src.get('moby'), '+7.2f')} %"
             f"{num(m['bwt'], '+8.1f')}"
@@ -972,7 +991,7 @@ def print_table(results: dict[str, Any]) -> None:
     for arm, a in ordered(results["arms"]).items():
         for j, s in enumerate(a["stages"]):
             cells = "  ".join(f"{t} {s['score'][t]:5.1f}" for t in names)
-            print(f"  {arm:<7} after {names[j]:<9} {cells}   general {s['general_nll']:.4f}")
+            print(f"  {arm:<11} after {names[j]:<9} {cells}   general {s['general_nll']:.4f}")
     if "targets" in results:
         t = results["targets"]
         print(
