@@ -750,12 +750,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             )
     n_self = round(args.replay_ratio * n) + 8  # enough for any share of the replay
     self_prompts = data["self_prompts"][:n_self]
-    self_outs = r.generate(
-        base, [chat(p) for p in self_prompts], args.self_tokens, sample=True, seed=args.seed
-    )
-    self_replay = [
-        chat(p, o.strip()) for p, (o, _) in zip(self_prompts, self_outs, strict=True) if o.strip()
-    ]
+
+    def self_answers(model: Any, seed: int) -> list[Chat]:
+        """Self-replay: ``model``'s own sampled answers to the general prompts."""
+        outs = r.generate(model, [chat(p) for p in self_prompts], args.self_tokens, sample=True,
+                          seed=seed)  # fmt: skip
+        return [
+            chat(p, o.strip()) for p, (o, _) in zip(self_prompts, outs, strict=True) if o.strip()
+        ]
+
+    self_replay = self_answers(base, args.seed)
     gen_s = time.perf_counter() - t0
     base_eval = evaluate(r, base, tasks, general)
     del base
@@ -848,14 +852,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             model = r.load(result.adapter_dir)
             ev = evaluate(r, model, tasks, general)
             if self_from == "current" and j + 1 < len(tasks):
-                # the next task's self-replay: this adapter's own sampled answers
-                outs = r.generate(model, [chat(p) for p in self_prompts], args.self_tokens,
-                                  sample=True, seed=args.seed + j + 1)  # fmt: skip
-                own = [
-                    chat(p, o.strip())
-                    for p, (o, _) in zip(self_prompts, outs, strict=True)
-                    if o.strip()
-                ]
+                own = self_answers(model, args.seed + j + 1)  # the next task's, from this adapter
             del model
             r.release()
             ev["train"] = {
