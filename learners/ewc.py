@@ -56,6 +56,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "accumulate_fisher",
+    "add_capped_penalty_grad_",
+    "add_penalty_grad_",
     "consolidate",
     "estimate_fisher",
     "ewc_penalty",
@@ -337,9 +339,35 @@ def add_penalty_grad_(
     gradient as it would with the penalty in the loss. Parameters are float32 (LoRA weights are
     kept in float32 by the learner); a parameter without ``.grad`` gets one.
     """
+    return add_capped_penalty_grad_(params, anchor, fisher, lam, max_share=None)[0]
+
+
+def add_capped_penalty_grad_(
+    params: Mapping[str, Tensor],
+    anchor: Mapping[str, Tensor],
+    fisher: Mapping[str, Tensor],
+    lam: float,
+    *,
+    max_share: float | None,
+) -> tuple[Tensor, float]:
+    """`add_penalty_grad_` with the penalty's gradient capped against the task's, in place;
+    returns the penalty's value and the factor its gradient was scaled by (1.0: not capped).
+
+    With ``g_t`` the gradient already in ``.grad`` (the task's, from ``backward()``) and ``g_p``
+    the penalty's, ``g_p`` is scaled by ``s = min(1, max_share * |g_t| / |g_p|)`` (L2 norms
+    over all the tensors in ``fisher``) before it is added. So EWC can cancel at most
+    ``max_share`` of the task gradient's length: it slows the directions earlier data cares
+    about, and never pins the weights a new task needs (with ``max_share < 1`` the total
+    gradient is never zero while the task's is not). A constant ``lam`` cannot promise this:
+    the penalty grows with the distance from the anchor while the task gradient shrinks as the
+    task is learned, so any fixed ``lam`` ends up holding learning back, and the right value
+    depends on the model, the data and the cycle. ``max_share=None`` adds ``g_p`` unscaled.
+    """
+    if max_share is not None and not (math.isfinite(max_share) and max_share >= 0):
+        raise ValueError(f"max_share must be a finite number >= 0 or None, got {max_share!r}")
     aligned = _aligned(params, anchor, fisher, lam)
     if isinstance(aligned, Tensor):
-        return aligned
+        return aligned, 1.0
     live, anchors, weights = aligned
     grads = []
     for theta in live:
@@ -352,9 +380,17 @@ def add_penalty_grad_(
     with torch.no_grad():
         diffs = torch._foreach_sub(thetas, anchors)
         weighted = torch._foreach_mul(diffs, weights)  # F * (theta - a)
-        torch._foreach_add_(grads, weighted, alpha=lam)
-        torch._foreach_mul_(diffs, weighted)  # F * (theta - a)^2 >= 0
-        return torch.stack(torch._foreach_norm(diffs, 1)).sum() * (lam / 2)
+        value = torch.stack(torch._foreach_norm(torch._foreach_mul(diffs, weighted), 1)).sum()
+        if max_share is None:
+            torch._foreach_add_(grads, weighted, alpha=lam)
+            return value * (lam / 2), 1.0
+        # the scale stays on the device (no host sync per step); it is read back once
+        task = torch.stack(torch._foreach_norm(grads)).norm()
+        pen = torch.stack(torch._foreach_norm(weighted)).norm() * lam
+        scale = torch.where(pen > 0, (max_share * task / pen.clamp_min(1e-30)).clamp(max=1.0), 1.0)
+        torch._foreach_mul_(weighted, scale * lam)
+        torch._foreach_add_(grads, weighted)
+        return value * (lam / 2), float(scale)
 
 
 def _float32_on(t: Tensor, device: torch.device) -> Tensor:

@@ -67,20 +67,29 @@ def request_stop() -> None:
 @dataclass(frozen=True)
 class TrainSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
-    learning_rate: float = 2e-4
-    schedule: str = "cosine"  # cosine | linear | constant
+    learning_rate: float = 1e-3
+    schedule: str = "constant"  # cosine | linear | constant (after warm-up)
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     steps: int | None = None  # exact number of optimizer steps (overrides the rest)
-    min_epochs: float = 3.0
-    min_steps: int = 24
+    # The budget in passes over the data, and the stopping rule: after each pass from
+    # ``min_epochs`` on, the taught examples (the first ``TrainJob.n_taught``) are scored, and
+    # training stops once their answers are learned: teacher-forced, at least
+    # ``stop_token_accuracy`` of their answer tokens are the model's most likely next token.
+    min_epochs: float = 2.0
+    max_epochs: float = 12.0
+    stop_token_accuracy: float | None = 0.98  # None: run the whole budget
+    min_steps: int = 1
     max_steps: int = 2000
     max_len: int = 1024
     batch_tokens: int = 8192  # tokens per optimizer step (packed rows of max_len)
     seed: int = 0
     ewc_lambda: float = 0.0  # 0 switches EWC off
     ewc_decay: float = 0.9
+    # EWC's gradient may cancel at most this share of the task gradient's length
+    # (`learners.ewc.add_capped_penalty_grad_`); None: uncapped, lambda alone decides.
+    ewc_max_share: float | None = 0.5
     fisher_batches: int = 16
     checkpoint_every: int = 50
     bf16: bool | None = None  # None: on a CUDA GPU only
@@ -109,6 +118,9 @@ class TrainJob:
     # Fisher at the end of every run is estimated on the run's own examples.
     fisher_examples: Sequence[Messages] = ()
     nan_at_step: int | None = None  # tests: inject a NaN loss at this step
+    # The first ``n_taught`` of ``examples`` are what the cycle teaches (its feedback; the rest
+    # is replay): the stopping rule scores them. 0: no stopping rule, the whole budget runs.
+    n_taught: int = 0
     # Already tokenized examples (benchmarks on random-weight models without a tokenizer):
     # used instead of `examples` / `fisher_examples` when given.
     tokenized: Sequence[Tokenized] | None = None
@@ -134,6 +146,12 @@ class TrainResult:
     fisher_seconds: float = 0.0  # Fisher estimation (start and end of the run)
     fisher_start_seconds: float = 0.0  # the first cycle's estimate at the start (first kernels)
     peak_memory_bytes: int = 0  # CUDA only
+    epochs: float = 0.0  # passes over the data actually run
+    planned_steps: int = 0  # the budget (max_epochs); `steps` is what ran
+    stop: str = ""  # why training ended: "learned", "budget" or "steps"
+    # After each pass from min_epochs on: the taught answers' teacher-forced token accuracy and
+    # mean NLL per token ({"epoch", "step", "token_accuracy", "nll"}).
+    taught_checks: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -141,11 +159,62 @@ class TrainResult:
         return d
 
 
+def steps_per_epoch(n_rows: int, batch_rows: int) -> int:
+    return max(1, math.ceil(n_rows / batch_rows))
+
+
 def plan_steps(n_rows: int, batch_rows: int, s: TrainSettings) -> int:
+    """The most steps a run may take: ``max_epochs`` passes (at least ``min_steps``, at most
+    ``max_steps``), or exactly ``steps``. The stopping rule usually ends it sooner."""
     if s.steps is not None:
         return s.steps
-    per_epoch = max(1, math.ceil(n_rows / batch_rows))
-    return max(1, min(s.max_steps, max(s.min_steps, math.ceil(s.min_epochs * per_epoch))))
+    per_epoch = steps_per_epoch(n_rows, batch_rows)
+    budget = math.ceil(max(s.max_epochs, s.min_epochs) * per_epoch)
+    return max(1, min(s.max_steps, max(s.min_steps, budget)))
+
+
+def check_steps(total: int, per_epoch: int, s: TrainSettings) -> set[int]:
+    """The steps (1-based) after which the stopping rule looks: each pass's end from
+    ``min_epochs`` on, and the last step (so the result says how well the taught answers
+    were learned). None with an exact ``steps`` or no rule."""
+    if s.steps is not None or s.stop_token_accuracy is None:
+        return set()
+    first = min(total, max(1, math.ceil(s.min_epochs * per_epoch), s.min_steps))
+    return {k for k in range(first, total + 1) if k % per_epoch == 0 or k in (first, total)}
+
+
+def taught_fit(
+    model: Any,
+    rows: Sequence[PackedRow],
+    device: torch.device,
+    pad_id: int,
+    amp: torch.dtype | None,
+    batch_rows: int,
+) -> tuple[float, float]:
+    """Teacher-forced token accuracy (the answer token is the most likely next token) and
+    mean NLL per token over the labelled tokens of ``rows``, without dropout or gradients."""
+    was = model.training
+    model.eval()
+    right = total = 0
+    nll = 0.0
+    try:
+        with torch.no_grad():
+            for k in range(0, len(rows), batch_rows):
+                b = {n: v.to(device) for n, v in collate(rows[k : k + batch_rows], pad_id).items()}
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits = model(
+                        input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
+                    ).logits[:, :-1]
+                targets = b["labels"][:, 1:]
+                keep = targets != IGNORE
+                picked = logits[keep].float()
+                wanted = targets[keep]
+                right += int((picked.argmax(-1) == wanted).sum())
+                nll += float(torch.nn.functional.cross_entropy(picked, wanted, reduction="sum"))
+                total += int(keep.sum())
+    finally:
+        model.train(was)
+    return (right / total, nll / total) if total else (1.0, 0.0)
 
 
 def lr_lambda(total: int, s: TrainSettings) -> Callable[[int], float]:
@@ -279,9 +348,13 @@ def train(
     kept = [t for t in tokenized if t is not None and t.n_target > 0]
     if not kept:
         raise ValueError("no example fits max_len: nothing to train on")
+    taught = [t for t in tokenized[: job.n_taught] if t is not None and t.n_target > 0]
+    taught_rows = pack(taught, s.max_len)
     rows = pack(kept, s.max_len)
     batch_rows = max(1, s.batch_tokens // s.max_len)
     total = plan_steps(len(rows), batch_rows, s)
+    per_epoch = steps_per_epoch(len(rows), batch_rows)
+    checks = check_steps(total, per_epoch, s) if taught_rows else set()
 
     model = load_model(
         job.base_model,
@@ -329,6 +402,9 @@ def train(
     log_path = work / "progress.jsonl"
     first_loss = final_loss = float("nan")
     tokens = 0
+    ran = total
+    stop = "steps" if s.steps is not None else "budget"
+    fits: list[dict[str, float]] = []
     model.train()
     bar = _bar(total, start)
     t_loop = time.perf_counter()
@@ -344,8 +420,12 @@ def train(
                 )
             task.backward()
             # EWC's gradient goes straight into .grad: the same update as a loss term, no graph.
-            penalty = (
-                ewc.add_penalty_grad_(params, anchor, fisher, s.ewc_lambda) if fisher else None
+            penalty, ewc_scale = (
+                ewc.add_capped_penalty_grad_(
+                    params, anchor, fisher, s.ewc_lambda, max_share=s.ewc_max_share
+                )
+                if fisher
+                else (None, 1.0)
             )
             loss = task.detach() + penalty if penalty is not None else task.detach()
             torch.nn.utils.clip_grad_norm_(params.values(), s.max_grad_norm)
@@ -360,6 +440,7 @@ def train(
                 "loss": float(loss.item()),
                 "task_loss": task_value,
                 "ewc_penalty": float(penalty.item()) if penalty is not None else 0.0,
+                "ewc_scale": round(ewc_scale, 4),
                 "lr": sched.get_last_lr()[0],
                 "tokens": n_tok,
                 "elapsed_s": round(time.perf_counter() - t0, 3),
@@ -367,12 +448,27 @@ def train(
             if step == start:
                 first_loss = task_value
             final_loss = task_value
+            if step + 1 in checks:
+                acc, nll = taught_fit(model, taught_rows, device, pad_id, amp, batch_rows)
+                fit = {"epoch": round((step + 1) / per_epoch, 2), "step": step + 1,
+                       "token_accuracy": round(acc, 4), "nll": round(nll, 4)}  # fmt: skip
+                fits.append(fit)
+                record["taught"] = fit
+                log.info("after %s passes: taught answers %.1f%% token accuracy, NLL %.3f",
+                         fit["epoch"], 100 * acc, nll)  # fmt: skip
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             if progress:
                 progress({**record, "total": total})
             bar.update(1)
             bar.set_postfix(loss=f"{task_value:.3f}")
+            if (
+                fits
+                and fits[-1]["step"] == step + 1
+                and (fits[-1]["token_accuracy"] >= (s.stop_token_accuracy or 2.0))
+            ):
+                ran, stop = step + 1, "learned"
+                break
             if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < total:
                 _save_checkpoint(ckpt_dir, model, opt, sched, step + 1)
             if _stop and step + 1 < total:
@@ -400,7 +496,11 @@ def train(
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     return TrainResult(
         adapter_dir=out,
-        steps=total,
+        steps=ran,
+        planned_steps=total,
+        epochs=round(ran / per_epoch, 2),
+        stop=stop,
+        taught_checks=fits,
         examples=len(kept),
         dropped_too_long=len(tokenized) - len(kept),
         rows=len(rows),

@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 from learners.ewc import (
     accumulate_fisher,
+    add_capped_penalty_grad_,
     consolidate,
     estimate_fisher,
     ewc_penalty,
@@ -57,6 +58,39 @@ def test_penalty_gradient_is_lam_f_times_displacement() -> None:
     ewc_penalty({"w": p}, {"w": t(ANCHOR)}, {"w": t(FISHER)}, lam=0.5).backward()
     assert p.grad is not None
     assert_close(p.grad, t(GRAD))
+
+
+def test_capped_penalty_gradient_by_hand() -> None:
+    """|GRAD| = sqrt(0.25**2 * 2 + 3**2 + 2**2) = sqrt(13.125); a task gradient of length 5
+    and a cap of half of it allow 2.5, so GRAD is scaled by 2.5 / sqrt(13.125)."""
+    task = [[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]]
+    p = weight()
+    p.grad = t(task)
+    value, scale = add_capped_penalty_grad_(
+        {"w": p}, {"w": t(ANCHOR)}, {"w": t(FISHER)}, 0.5, max_share=0.5
+    )
+    expected = 2.5 / math.sqrt(13.125)
+    assert scale == pytest.approx(expected, rel=1e-6)
+    assert_close(value, torch.tensor(8.875))  # the value is not capped, only the gradient
+    assert_close(p.grad, t(task) + expected * t(GRAD))
+    # a cap above what the penalty asks for changes nothing
+    q = weight()
+    q.grad = t(task)
+    _, scale = add_capped_penalty_grad_(
+        {"w": q}, {"w": t(ANCHOR)}, {"w": t(FISHER)}, 0.5, max_share=1.0
+    )
+    assert scale == 1.0
+    assert_close(q.grad, t(task) + t(GRAD))
+
+
+def test_capped_penalty_never_cancels_the_task_gradient() -> None:
+    """However large lambda is, the total gradient keeps at least half the task's length."""
+    task = [[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]]
+    for lam in (1.0, 1e3, 1e9):
+        p = weight()
+        p.grad = -t(task)
+        add_capped_penalty_grad_({"w": p}, {"w": t(ANCHOR)}, {"w": t(FISHER)}, lam, max_share=0.5)
+        assert float(p.grad.norm()) >= 0.5 * 5.0 - 1e-4
 
 
 def test_penalty_matches_autograd_of_the_formula_on_random_tensors() -> None:
