@@ -246,6 +246,9 @@ def train_settings(cfg: TrainingSettings) -> TrainSettings:
         min_epochs=cfg.min_epochs,
         min_steps=cfg.min_steps,
         max_steps=cfg.max_steps,
+        max_epochs=cfg.max_epochs,
+        stop_token_accuracy=cfg.stop_token_accuracy,
+        ewc_max_share=cfg.ewc_max_share,
         max_len=cfg.max_len,
         batch_tokens=cfg.batch_tokens,
         seed=cfg.seed,
@@ -409,7 +412,28 @@ def _example_dict(e: Example) -> dict[str, Any]:
         "interaction_id": e.interaction_id,
         "feedback_id": e.feedback_id,
         "kind": e.kind,
+        "served": e.served,
     }
+
+
+def carried_holdout(parent_state: Path | None, exclude: set[str]) -> list[dict[str, Any]]:
+    """The promoted version's held-out examples, to be trained on in this cycle.
+
+    A holdout keeps evaluation honest, but a correction held out for good would never be
+    learned. So what one cycle held out, the next one trains on (while it holds out some of
+    its own feedback): every correction is trained on one cycle late at the latest. An
+    interaction with feedback in this cycle's snapshot is left to this cycle's curation."""
+    if parent_state is None or not (parent_state / "holdout.jsonl").is_file():
+        return []
+    out = []
+    for line in (parent_state / "holdout.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else None
+        if not row or row.get("interaction_id") in exclude:
+            continue
+        msgs = row.get("messages") or []
+        if len(msgs) >= 2 and msgs[-1].get("role") == "assistant":
+            out.append({**row, "carried": True})
+    return out
 
 
 # -- the recipe -------------------------------------------------------------------------------
@@ -446,13 +470,15 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
 
     snap = snapshot(inp.store, since)
     cur = curate_snapshot(snap, inp.curation)
-    if len(cur.train) < inp.min_examples:
+    parent_state = parent_dir / "state" if parent_dir else None
+    carried = carried_holdout(parent_state, {e.interaction_id for e in [*cur.train, *cur.holdout]})
+    if len(cur.train) + len(carried) < inp.min_examples:
         raise CandidateError(
             f"{len(cur.train)} training examples from {len(snap.pairs)} feedback items since the "
-            f"promoted version (need {inp.min_examples}); dropped: {cur.report.dropped or 'none'}"
+            f"promoted version, {len(carried)} carried from its holdout (need "
+            f"{inp.min_examples}); dropped: {cur.report.dropped or 'none'}"
         )
-    new = [e.messages for e in cur.train]
-    parent_state = parent_dir / "state" if parent_dir else None
+    new = [e.messages for e in cur.train] + [c["messages"] for c in carried]
     mix = await build_replay(
         inp.store, inp.replay, len(new), parent_state, new, inp.generate, inp.training.seed
     )
@@ -479,6 +505,7 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
         ewc_state=ewc_state,
         fisher_examples=mix.general_pool,
         nan_at_step=inp.nan_at_step,
+        n_taught=len(new),
     )
     log.info(
         "training %s: %d new examples + %d replayed %s, warm start from %s",
@@ -516,6 +543,8 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
             "replay": mix.counts,
             "self_replay_from": inp.self_replay_from,
             "train_examples": len(new),
+            "carried_examples": len(carried),  # held out by the parent, trained now
+            "carried_from": inp.promoted if carried else None,
             "holdout_examples": len(cur.holdout),
         },
         "metrics": {"training": result, "training_restarts": outcome.restarts},
@@ -526,7 +555,7 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
         "reservoir.jsonl": lambda p: _write_jsonl(p, mix.reservoir),
         "reservoir.json": lambda p: p.write_text(json.dumps({"seen": mix.reservoir_seen})),
         "holdout.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.holdout]),
-        "train.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.train]),
+        "train.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.train] + carried),
         "replay.jsonl": lambda p: _write_jsonl(
             p,
             [{"source": s, "messages": m} for s, m in zip(mix.sources, mix.examples, strict=True)],

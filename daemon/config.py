@@ -114,12 +114,27 @@ class TrainingSettings(_Section):
         ],
         description="Layers that get an adapter (all linear layers of Llama/Qwen-style models).",
     )
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    learning_rate: float = Field(
+        1e-3, gt=0, description="Peak learning rate (LoRA on a few dozen examples)."
+    )
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "constant",
+        description="Learning-rate schedule after warm-up; constant suits the stopping rule.",
+    )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     steps: int | None = Field(None, ge=1, description="Exact optimizer steps (overrides epochs).")
-    min_epochs: float = Field(3.0, gt=0, description="At least this many passes over the data.")
-    min_steps: int = Field(24, ge=1, description="At least this many optimizer steps.")
+    min_epochs: float = Field(2.0, gt=0, description="At least this many passes over the data.")
+    max_epochs: float = Field(
+        12.0, gt=0, description="At most this many passes; the stopping rule ends most runs sooner."
+    )
+    stop_token_accuracy: float | None = Field(
+        0.98,
+        gt=0,
+        le=1,
+        description="Stop once this share of the taught answers' tokens is the model's most "
+        "likely next token (checked after each pass); unset: run every pass.",
+    )
+    min_steps: int = Field(1, ge=1, description="At least this many optimizer steps.")
     max_steps: int = Field(2000, ge=1, description="At most this many optimizer steps.")
     max_len: int = Field(1024, ge=32, description="Tokens per example and per packed row.")
     batch_tokens: int = Field(8192, ge=32, description="Tokens per optimizer step.")
@@ -132,6 +147,12 @@ class TrainingSettings(_Section):
     )
     ewc_decay: float = Field(
         0.9, ge=0, le=1, description="Online EWC: weight of earlier cycles' Fisher."
+    )
+    ewc_max_share: float | None = Field(
+        0.5,
+        ge=0,
+        description="EWC's gradient may cancel at most this share of the task gradient's "
+        "length (so it never pins what a new task needs); unset: uncapped.",
     )
     max_restarts: int = Field(2, ge=0, description="Resumes after a crash of the training child.")
     gpu_memory_fraction: float | None = Field(
@@ -207,6 +228,9 @@ class EvaluationSettings(_Section):
     canaries_path: str | None = Field(
         None, description="JSONL of canary prompts whose answers must stay put."
     )
+    max_taught_items: int = Field(
+        200, ge=0, description="Most of the cycle's trained corrections checked for content."
+    )
     max_retention_items: int = Field(
         200, ge=0, description="Most held-out items of earlier cycles scored for retention."
     )
@@ -222,8 +246,17 @@ class GateSettings(_Section):
     min_holdout: int = Field(
         3, ge=1, description="Fewest held-out feedback items a candidate is judged on."
     )
+    min_taught_learned: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Least share of the trained corrections the candidate must answer with "
+        "their content (their words that neither the prompt nor the served answer had).",
+    )
     min_task_gain: float = Field(
-        0.0, description="Least ROUGE-L gain over the current version on held-out feedback."
+        0.0,
+        description="Least ROUGE-L gain over the current version on held-out feedback (when no "
+        "correction carries content, e.g. a house style).",
     )
     require_significant_gain: bool = Field(
         True, description="The gain's confidence interval must lie above zero."

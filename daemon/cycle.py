@@ -189,6 +189,7 @@ def _history_row(
         "general_agreement": ev.get("general_agreement"),
         "retention_rouge_l": ev.get("retention_rouge_l"),
         "task_rouge_l": ev.get("task_rouge_l"),
+        "taught": ev.get("taught"),
     }
 
 
@@ -234,6 +235,7 @@ def build_report(
         "data": {
             "feedback_in": len(data.get("feedback_ids") or []),
             "kept": data.get("train_examples"),
+            "carried": data.get("carried_examples"),
             "holdout": data.get("holdout_examples"),
             "eval_only": cur.get("eval_only"),
             "dropped": {
@@ -247,8 +249,12 @@ def build_report(
             "seconds": train.get("seconds") or train.get("elapsed_s"),
             "first_loss": train.get("first_loss"),
             "final_loss": train.get("final_loss"),
+            "epochs": train.get("epochs"),
+            "stop": train.get("stop"),
+            "taught_checks": train.get("taught_checks") or [],
             "curve": curve,
         },
+        "learning": summary.learning if summary else None,
         "metrics": summary.metrics if summary else [],
         "history": _history(deps, this),
         "examples": summary.examples if summary else {"gains": [], "regressions": []},

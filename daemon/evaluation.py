@@ -95,7 +95,9 @@ class Item:
     messages: Chat
     reference: str
     interaction_id: str = ""
-    task: str = ""  # the version whose cycle held it out
+    task: str = ""  # the version whose cycle held it out (or trained on it)
+    served: str = ""  # the answer the user corrected
+    carried: bool = False  # trained on after a cycle held it out
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,8 @@ class Choice:
 
 @dataclass
 class Suite:
-    task: list[Item]
+    task: list[Item]  # this cycle's held-out feedback: never trained on
+    taught: list[Item] = field(default_factory=list)  # what this cycle trained on
     retention: list[Item] = field(default_factory=list)
     retention_at_learning: dict[str, float] = field(default_factory=dict)
     general_prompts: list[Chat] = field(default_factory=list)
@@ -181,10 +184,11 @@ def _chat_of(row: dict[str, Any], where: str) -> Chat:
     raise SuiteError(f"{where}: give `prompt` (string) or `messages` (list)")
 
 
-def holdout_items(version_dir: Path, task: str) -> list[Item]:
-    """The held-out feedback a version's cycle set aside (``state/holdout.jsonl``)."""
+def holdout_items(version_dir: Path, task: str, name: str = "holdout.jsonl") -> list[Item]:
+    """The held-out feedback a version's cycle set aside (``state/holdout.jsonl``), or with
+    ``name="train.jsonl"`` the feedback it trained on."""
     items = []
-    for row in _read_jsonl(version_dir / "state" / "holdout.jsonl"):
+    for row in _read_jsonl(version_dir / "state" / name):
         msgs = row.get("messages") or []
         if len(msgs) < 2 or msgs[-1].get("role") != "assistant":
             continue
@@ -194,6 +198,8 @@ def holdout_items(version_dir: Path, task: str) -> list[Item]:
                 reference=str(msgs[-1].get("content") or ""),
                 interaction_id=str(row.get("interaction_id", "")),
                 task=task,
+                served=str(row.get("served") or ""),
+                carried=bool(row.get("carried")),
             )
         )
     return items
@@ -219,6 +225,8 @@ def build_suite(
 ) -> Suite:
     """Gather the items the candidate is judged on; raises `SuiteError` for bad user files."""
     task = holdout_items(candidate_dir, candidate_dir.name)
+    taught = holdout_items(candidate_dir, candidate_dir.name, "train.jsonl")
+    taught = taught[: cfg.max_taught_items]
     retention: list[Item] = []
     at_learning: dict[str, float] = {}
     for version, manifest in lineage(adapters, parent):
@@ -265,8 +273,8 @@ def build_suite(
         [SuspectedTrigger.from_dict(t) for t in found], general
     )
     return Suite(
-        task, retention, at_learning, general, texts, choices, golden, canaries, triggers,
-        trigger_prompts,
+        task, taught, retention, at_learning, general, texts, choices, golden, canaries,
+        triggers, trigger_prompts,
     )  # fmt: skip
 
 
@@ -277,6 +285,7 @@ class Scores:
 
     model: str
     task_answers: list[str] = field(default_factory=list)
+    taught_answers: list[str] = field(default_factory=list)
     task_logprob: list[float] = field(default_factory=list)  # summed over the reference
     task_nll: list[float] = field(default_factory=list)  # per token
     retention_answers: list[str] = field(default_factory=list)
@@ -338,6 +347,9 @@ class Scorer:
     async def generate_all(self, suite: Suite, model: str, scores: Scores) -> None:
         self.progress(f"{model}: answering {len(suite.task)} held-out items")
         scores.task_answers = await self._answers([i.messages for i in suite.task], model)
+        if suite.taught:
+            self.progress(f"{model}: answering {len(suite.taught)} taught items")
+            scores.taught_answers = await self._answers([i.messages for i in suite.taught], model)
         if suite.retention:
             self.progress(f"{model}: answering {len(suite.retention)} earlier held-out items")
             scores.retention_answers = await self._answers(
@@ -427,6 +439,7 @@ class Summary:
     probe: dict[str, Any] | None
     record: dict[str, Any]  # what the manifest keeps (the next cycles' R_ii, the history plot)
     triggers: list[dict[str, Any]] = field(default_factory=list)
+    learning: dict[str, Any] | None = None  # `learning`: per correction, learned or not
 
 
 def trigger_lifts(suite: Suite, current: Scores, cand: Scores) -> list[dict[str, Any]]:
@@ -463,6 +476,65 @@ def trigger_lifts(suite: Suite, current: Scores, cand: Scores) -> list[dict[str,
             }
         )
     return out
+
+
+def _prompt_text(messages: Chat) -> str:
+    return " ".join(str(m.get("content", "")) for m in messages if m.get("role") != "assistant")
+
+
+def learning(
+    suite: Suite, base: Scores, current: Scores, cand: Scores, threshold: float = M.LEARNED_RECALL
+) -> dict[str, Any]:
+    """Per correction, whether each model's answer carries its content (`M.content_words`),
+    for the items trained on (taught: did it learn what it was taught) and the held-out ones
+    (never trained on: does it generalise). The cycle's template (words most corrections
+    share) is not content, so an answer in the corrections' form with a made-up word where
+    the taught one belongs does not count as learned."""
+    groups = [("taught", suite.taught, "taught_answers"), ("held_out", suite.task, "task_answers")]
+    template = M.template_words([i.reference for _, items, _ in groups for i in items])
+    models = {"base": base, "current": current, "candidate": cand}
+    out: dict[str, Any] = {"threshold": threshold, "items": []}
+    for split, items, attr in groups:
+        learned = dict.fromkeys(models, 0)
+        n = 0
+        for k, item in enumerate(items):
+            content = M.content_words(
+                item.reference, prompt=_prompt_text(item.messages), served=item.served,
+                template=template,
+            )  # fmt: skip
+            if not content:
+                continue  # nothing new to learn (a thumbs-up, or the template alone)
+            n += 1
+            answers = {name: getattr(sc, attr)[k] for name, sc in models.items()}
+            recall = {name: M.content_recall(a, content) or 0.0 for name, a in answers.items()}
+            ok = {name: r >= threshold for name, r in recall.items()}
+            for name in models:
+                learned[name] += ok[name]
+            out["items"].append(
+                {"split": split, "carried": item.carried, "interaction_id": item.interaction_id,
+                 "prompt": str(item.messages[-1].get("content", "")),
+                 "correction": item.reference, "content": list(content), "answers": answers,
+                 "recall": {m: round(r, 4) for m, r in recall.items()}, "learned": ok}
+            )  # fmt: skip
+        out[split] = {"n": n, "learned": learned}
+    out["carried"] = sum(1 for i in suite.taught if i.carried)
+    return out
+
+
+def _learning_rows(learn: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for split, label in (
+        ("taught", "trained corrections answered with their content"),
+        ("held_out", "held-out corrections answered with their content"),
+    ):
+        g = learn[split]
+        if g["n"]:
+            share = {m: g["learned"][m] / g["n"] for m in ("base", "current", "candidate")}
+            rows.append(
+                _row("task", f"{split}_learned", label, g["n"], share["base"], share["current"],
+                     share["candidate"])
+            )  # fmt: skip
+    return rows
 
 
 def _row(
@@ -518,7 +590,8 @@ def summarize(
         )
 
     refs = [i.reference for i in suite.task]
-    rows: list[dict[str, Any]] = []
+    learn = learning(suite, base, current, cand)
+    rows: list[dict[str, Any]] = _learning_rows(learn)
     ts = {m.model: M.text_scores(m.task_answers, refs) for m in (base, current, cand)}
     tb, tc, tn = ts[base.model], ts[current.model], ts[cand.model]
     gain = boot(tc.rouge_l, tn.rouge_l)
@@ -706,8 +779,15 @@ def summarize(
         )  # fmt: skip
     steered = max(triggers, key=lambda x: float(x["lift"])) if triggers else None
 
+    taught, held = learn["taught"], learn["held_out"]
     evidence = Evidence(
         holdout=n,
+        taught=taught["n"],
+        taught_learned=taught["learned"]["candidate"],
+        taught_learned_current=taught["learned"]["current"],
+        held_out=held["n"],
+        held_out_learned=held["learned"]["candidate"],
+        held_out_learned_current=held["learned"]["current"],
         task_gain=gain,
         general_nll_change=general_change,
         general_agreement=agreement,
@@ -743,8 +823,10 @@ def summarize(
         ),
         "bwt": bwt,
         "gain": asdict(gain) if gain else None,
+        "taught": f"{taught['learned']['candidate']}/{taught['n']}",
+        "held_out": f"{held['learned']['candidate']}/{held['n']}",
     }
-    return Summary(evidence, rows, examples, golden_rows, probe, record, triggers)
+    return Summary(evidence, rows, examples, golden_rows, probe, record, triggers, learn)
 
 
 def probes(

@@ -180,6 +180,9 @@ class Example:
     feedback_id: str  # the deciding feedback item
     user: str
     created_at: float  # of the deciding feedback item
+    # The answer that was served: what a correction corrects. Its content is what the
+    # correction has that this did not (`learners.metrics.content_words`).
+    served: str = ""
 
 
 @dataclass(frozen=True)
@@ -899,7 +902,7 @@ def curate(
         messages = [*_copy(u.prompt), {"role": "assistant", "content": u.target}]
         kind: ExampleKind = "correction" if u.kind == "correction" else "accepted"
         (holdout if held else train).append(
-            Example(messages, kind, iid, fb.id, u.user, fb.created_at)
+            Example(messages, kind, iid, fb.id, u.user, fb.created_at, served=u.served or "")
         )
         if u.kind != "correction":
             continue
