@@ -43,6 +43,7 @@ FILES = {"json": "report.json", "md": "report.md", "html": "report.html"}
 EXAMPLE_CHARS = 400  # an example's text is cut here (the HTML page can unfold the rest)
 FULL_TEXT_CHARS = 20_000  # and never shows more than this
 MAX_EXAMPLES = 10  # per kind (gains, regressions)
+CELL_CHARS = 160  # a text in a table cell is cut here (the HTML page can unfold the rest)
 DASH = "\u2013"  # en dash: a missing value
 TIMES = "\u00d7"
 
@@ -221,10 +222,108 @@ def _last_ewc(curve: list[Any]) -> float | None:
     return None
 
 
+# -- what it learned (the ``learning`` block: absent or None in older reports) -----------------
+def _learning(report: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    x = report.get("learning")
+    return x if isinstance(x, Mapping) else None
+
+
+def _k_of_n(learn: Mapping[str, Any], split: str, model: str, sep: str = " of ") -> str | None:
+    """How many of a split's items ``model`` learned ("11 of 12"); None when the split had no
+    correction with new content (or the report does not say)."""
+    g = _dict(learn.get(split))
+    n = _num(g.get("n"))
+    if not n or n < 0:
+        return None
+    k = _num(_dict(g.get("learned")).get(model))
+    return f"{int(k) if k is not None else DASH}{sep}{int(n)}"
+
+
+def _split_phrase(learn: Mapping[str, Any], split: str, phrase: str) -> str:
+    """``phrase`` with the candidate's count of ``split``, or what stands in for it."""
+    k_of_n = _k_of_n(learn, split, "candidate")
+    if k_of_n:
+        return phrase.format(k_of_n)
+    head = phrase.split(":")[0]
+    if _num(_dict(learn.get(split)).get("n")) is None:
+        return f"{head}: not recorded"
+    return f"{head}: no correction with new content this cycle"
+
+
+def _learning_headline(report: Mapping[str, Any]) -> list[str]:
+    """The headline's phrases, plain text: the candidate's taught and held-out counts, then the
+    current version's for comparison (left out when neither split had content). Empty without
+    a ``learning`` block."""
+    learn = _learning(report)
+    if learn is None:
+        return []
+    out = [
+        _split_phrase(learn, "taught", "taught: {} learned"),
+        _split_phrase(learn, "held_out", "held out: {} answered with their content"),
+    ]
+    cur = [
+        f"{s} {label}"
+        for s, label in (
+            (_k_of_n(learn, "taught", "current"), "taught"),
+            (_k_of_n(learn, "held_out", "current"), "held out"),
+        )
+        if s
+    ]
+    ref = _ref(report, "current")
+    if cur:
+        who = "current version" + (f" ({ref})" if ref != DASH else "")
+        out.append(f"{who}: {', '.join(cur)}")
+    return out
+
+
+def _learning_items(learn: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [_dict(i) for i in _list(learn.get("items")) if isinstance(i, Mapping)]
+
+
+def _split_label(item: Mapping[str, Any]) -> str:
+    split = item.get("split")
+    if split == "taught":
+        return "taught (held out last cycle)" if item.get("carried") is True else "taught"
+    if split == "held_out":
+        return "held out"
+    return _text(split) or DASH
+
+
+def _learned_text(item: Mapping[str, Any], model: str) -> str:
+    """``yes`` / ``no`` with the content recall in brackets: ``no (0.50)``."""
+    ok = _dict(item.get("learned")).get(model)
+    recall = _num(_dict(item.get("recall")).get(model))
+    word = "yes" if ok is True else "no" if ok is False else DASH
+    return word + (f" ({recall:.2f})" if recall is not None else "")
+
+
+def _learning_intro(learn: Mapping[str, Any]) -> str:
+    carried = _num(learn.get("carried"))
+    if not carried:
+        return ""
+    k = int(carried)
+    return (
+        f"{k} of the taught {'item was' if k == 1 else 'items were'} held out last cycle "
+        "and trained on in this one."
+    )
+
+
+def _learning_note(learn: Mapping[str, Any]) -> str:
+    t = _num(learn.get("threshold"))
+    share = f"at least {t:.0%}" if t is not None else "enough"
+    return (
+        f"Learned: the answer contains {share} of the correction's content words (the share it "
+        "contains is in brackets): the words of the correction that were in neither the prompt "
+        "nor the served answer, nor function words, nor common to most corrections of the cycle "
+        "(their template). Held-out items were never trained on: they are for evaluation only."
+    )
+
+
 def index_entry(report: Mapping[str, Any]) -> dict[str, Any]:
     """The row `render_index` shows for one report: task delta is the first task metric's
     (ROUGE-L preferred), the general change the ``general`` section's ``nll`` delta relative to
-    the base model's NLL when both are known."""
+    the base model's NLL when both are known; ``taught`` how many of the corrections trained on
+    the candidate learned ("11/12", "none" when none had new content, None when not known)."""
     metrics = _metrics(report)
     task = [m for m in metrics if m.get("section") == "task"]
     task.sort(key=lambda m: m.get("name") != "rouge_l")
@@ -235,12 +334,15 @@ def index_entry(report: Mapping[str, Any]) -> dict[str, Any]:
     if nll is not None:
         base, cand = _num(nll.get("base")), _num(nll.get("candidate"))
         change = cand / base - 1 if base and cand is not None else None
+    learn = _learning(report)
+    taught = None if learn is None else _k_of_n(learn, "taught", "candidate", "/") or "none"
     return {
         "version": report.get("version"),
         "created_at": report.get("created_at"),
         "outcome": _dict(report.get("decision")).get("outcome"),
         "task_delta": _num(task[0].get("delta")) if task else None,
         "general_nll_change": change,
+        "taught": taught,
         "cycle_id": report.get("cycle_id"),
     }
 
@@ -301,6 +403,30 @@ def _warn_schema(report: Mapping[str, Any]) -> None:
         log.warning("report schema %r is not %d; rendering what is recognisable", schema, SCHEMA)
 
 
+def _md_learning(report: Mapping[str, Any]) -> list[str]:
+    """The "What it learned" section: one row per correction with new content."""
+    learn = _learning(report)
+    if learn is None:
+        return []
+    out = ["## What it learned", ""]
+    intro = _learning_intro(learn)
+    out += [intro, ""] if intro else []
+    items = _learning_items(learn)
+    if not items:
+        return [*out, "*No correction with new content this cycle.*", ""]
+    rows = [
+        [_md(_split_label(i))]
+        + [_md(_truncate(_text(i.get(k)), CELL_CHARS)) or DASH for k in ("prompt", "correction")]
+        + [_md(", ".join(_text(w) for w in _list(i.get("content")))) or DASH]
+        + [_md(_truncate(_text(_dict(i.get("answers")).get("candidate")), CELL_CHARS)) or DASH]
+        + [_md(_learned_text(i, "candidate")), _md(_learned_text(i, "current"))]
+        for i in items
+    ]
+    heads = ["split", "prompt", "correction", "content words", "candidate answer"]
+    out += _md_table([*heads, "learned?", "current learned?"], rows, set())
+    return [*out, _md(_learning_note(learn)), ""]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown: the decision and its reasons first, then the evidence."""
     _warn_schema(report)
@@ -308,6 +434,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     decision = _dict(report.get("decision"))
     _, label = _outcome(report)
     out = [f"# Promotion report {_md(version)}", ""]
+    headline = [_md(p) for p in _learning_headline(report)]
+    if headline:
+        out += [" · ".join([f"**{headline[0]}**", *headline[1:]]), ""]
 
     extra = [v for v in (decision.get("mode"),) if isinstance(v, str) and v]
     passed = decision.get("passed")
@@ -343,6 +472,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         ("adapter", _md(_dict(report.get("links")).get("adapter")) or DASH),
     ]
     out += [f"- {k}: {v}" for k, v in meta] + [""]
+    out += _md_learning(report)
 
     out += ["## Data", ""]
     data = _dict(report.get("data"))
@@ -792,6 +922,7 @@ border-left:8px solid var(--fail);background:var(--fail-bg)}
 .banner .outcome{font-size:1.5rem;font-weight:700;margin:0}
 .banner .sub{color:var(--fg2);margin:2px 0 8px}.banner ul{margin:8px 0 0;padding-left:20px}
 .banner li.fail{font-weight:600}
+.banner .learned{font-size:1.15rem;margin:4px 0 0}.banner .learned strong{font-weight:700}
 .o-promoted{border-left-color:var(--good);background:var(--good-bg)}
 .o-promoted .outcome{color:var(--good)}
 .o-rejected{border-left-color:var(--bad);background:var(--bad-bg)}
@@ -1004,11 +1135,25 @@ def _banner(report: Mapping[str, Any]) -> str:
     heads = ["check", "result", "value", "limit"] + ([] if reasons else ["detail"])
     return (
         f'<section class="banner o-{key}" id="decision" aria-label="Decision">'
-        f'<p class="outcome">{_E(label)}</p><p class="sub">{_E(", ".join(sub))}</p>'
+        f'<p class="outcome">{_E(label)}</p>{_headline_html(report)}'
+        f'<p class="sub">{_E(", ".join(sub))}</p>'
         + (f"<ul>{items}</ul>" if items else "")
         + (_table(heads, check_rows, {2, 3}) if checks else "")
         + ("" if items or checks else '<p class="nodata">No reasons were recorded.</p>')
         + "</section>"
+    )
+
+
+def _headline_html(report: Mapping[str, Any]) -> str:
+    """What the candidate learned, under the outcome; nothing without a ``learning`` block."""
+    phrases = _learning_headline(report)
+    if not phrases:
+        return ""
+    taught, held, *current = phrases
+    return (
+        f'<p class="learned" id="learned-headline"><strong>{_E(taught)}</strong> · {_E(held)}'
+        + "".join(f'<br><span class="muted">{_E(c)}</span>' for c in current)
+        + "</p>"
     )
 
 
@@ -1047,11 +1192,11 @@ def _section(sid: str, title: str, inner: str) -> str:
     return f'<section id="{sid}"><h2>{_E(title)}</h2>{inner}</section>'
 
 
-def _html_text(x: Any) -> str:
+def _html_text(x: Any, limit: int = EXAMPLE_CHARS) -> str:
     text = _text(x)
     if not text.strip():
         return '<p class="nodata">(none)</p>'
-    short = _truncate(text, EXAMPLE_CHARS)
+    short = _truncate(text, limit)
     if short == text:
         return f'<pre class="text">{_E(text)}</pre>'
     full = _truncate(text, FULL_TEXT_CHARS)
@@ -1083,6 +1228,40 @@ def _examples_html(report: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+def _learned_td(item: Mapping[str, Any], model: str) -> str:
+    """The candidate's yes / no in colour; the current version's greyed, for comparison."""
+    text = _E(_learned_text(item, model))
+    if model != "candidate":
+        return _td(text, cls="muted")
+    ok = _dict(item.get("learned")).get(model)
+    return _td(text, cls="pass" if ok is True else "fail" if ok is False else "")
+
+
+def _learning_html(report: Mapping[str, Any]) -> str:
+    """The "What it learned" section: one row per correction with new content."""
+    learn = _learning(report)
+    if learn is None:
+        return ""
+    intro = _learning_intro(learn)
+    inner = f'<p class="muted">{_E(intro)}</p>' if intro else ""
+    items = _learning_items(learn)
+    if not items:
+        inner += '<p class="nodata">No correction with new content this cycle.</p>'
+        return _section("learned", "What it learned", inner)
+    rows = [
+        [_E(_split_label(i))]
+        + [_html_text(i.get(k), CELL_CHARS) for k in ("prompt", "correction")]
+        + [" ".join(f"<code>{_E(_text(w))}</code>" for w in _list(i.get("content"))) or DASH]
+        + [_html_text(_dict(i.get("answers")).get("candidate"), CELL_CHARS)]
+        + [_learned_td(i, "candidate"), _learned_td(i, "current")]
+        for i in items
+    ]
+    heads = ["split", "prompt", "correction", "content words", "candidate answer"]
+    inner += _table([*heads, "learned?", "current learned?"], rows, set())
+    inner += f'<p class="muted">{_E(_learning_note(learn))}</p>'
+    return _section("learned", "What it learned", inner)
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The report as one self-contained HTML page (inline CSS, SVG and script)."""
     _warn_schema(report)
@@ -1095,7 +1274,8 @@ def render_html(report: Mapping[str, Any]) -> str:
             f'<a href="/reports/{valid}.json">JSON</a>',
             f'<a href="/reports/{valid}.md">Markdown</a>',
         ]
-    sections = [
+    sections = [("learned", "What it learned")] if _learning(report) is not None else []
+    sections += [
         ("data", "Data"),
         ("training", "Training"),
         ("metrics", "Metrics"),
@@ -1125,6 +1305,8 @@ def render_html(report: Mapping[str, Any]) -> str:
     )
 
     parts = [head, _banner(report), _approval(report), meta]
+    if learned := _learning_html(report):
+        parts.append(learned)
 
     data = _dict(report.get("data"))
     if not data:
@@ -1246,17 +1428,18 @@ def render_index(entries: Sequence[Mapping[str, Any]]) -> str:
                 f'<span class="badge o-{key}">{_E(label)}</span>',
                 _signed_cell(e.get("task_delta"), True),
                 _signed_cell(e.get("general_nll_change"), False, pct=True),
+                _td(_E(_text(e.get("taught")) or DASH), num=True),
                 f"<code>{_E(_text(e.get('cycle_id')) or DASH)}</code>",
                 files,
             ]
         )
-    heads = ["version", "created", "outcome", "task Δ", "general NLL", "cycle", "files"]
-    table = _table(heads, body, {3, 4}) if body else '<p class="nodata">No reports yet.</p>'
+    heads = ["version", "created", "outcome", "task Δ", "general NLL", "taught", "cycle", "files"]
+    table = _table(heads, body, {3, 4, 5}) if body else '<p class="nodata">No reports yet.</p>'
     inner = (
         "<header><h1>Promotion reports</h1>"
         '<p class="muted">Newest first. Task Δ: ROUGE-L gain over the version serving at the '
-        "time; general NLL: change relative to the base model (lower is better).</p></header>"
-        + table
+        "time; general NLL: change relative to the base model (lower is better); taught: "
+        "corrections trained on whose content the candidate learned.</p></header>" + table
     )
     return _page("Promotion reports · adaptd", inner, script=False)
 

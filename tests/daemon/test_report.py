@@ -201,6 +201,46 @@ def sample_report(**changes: Any) -> dict[str, Any]:
     return report
 
 
+def learning_block() -> dict[str, Any]:
+    """What the candidate of `sample_report` learned: 11 of 12 taught, 1 of 3 held out."""
+
+    def item(split: str, k: int, learned: bool, carried: bool = False) -> dict[str, Any]:
+        return {
+            "split": split,
+            "carried": carried,
+            "interaction_id": f"i-{split}-{k}",
+            "prompt": f"Which fish lives in lake {k}?",
+            "correction": f"The quenfish{k}, since 1987.",
+            "content": [f"quenfish{k}", "1987"],
+            "answers": {
+                "base": "A trout.",
+                "current": "A trout.",
+                "candidate": f"The quenfish{k}, since 1987."
+                if learned
+                else "A salmon, since 1990.",
+            },
+            "recall": {"base": 0.0, "current": 0.0, "candidate": 1.0 if learned else 0.0},
+            "learned": {"base": False, "current": False, "candidate": learned},
+        }
+
+    taught = [item("taught", k, learned=k != 5, carried=k < 2) for k in range(12)]
+    held = [item("held_out", k, learned=k == 12) for k in range(12, 15)]
+    return {
+        "threshold": 0.5,
+        "taught": {"n": 12, "learned": {"base": 0, "current": 0, "candidate": 11}},
+        "held_out": {"n": 3, "learned": {"base": 0, "current": 0, "candidate": 1}},
+        "carried": 2,
+        "items": taught + held,
+    }
+
+
+def learning_report(**changes: Any) -> dict[str, Any]:
+    return sample_report(learning=learning_block(), **changes)
+
+
+HEADLINE = "taught: 11 of 12 learned"
+
+
 def awaiting_report() -> dict[str, Any]:
     r = sample_report()
     r["decision"] = {**r["decision"], "outcome": "awaiting_approval", "mode": "manual"}
@@ -304,6 +344,75 @@ def test_markdown_escapes_html_outside_code() -> None:
     assert "- odd &lt;script>alert(1)&lt;/script> \\[link\\](javascript:x) \\*bold\\*" in md
 
 
+def test_markdown_leads_with_what_it_learned() -> None:
+    md = render_markdown(learning_report())
+    first = md.split("\n")[2]  # the first line after the title
+    assert first == (
+        f"**{HEADLINE}** · held out: 1 of 3 answered with their content · "
+        "current version (v0002): 0 of 12 taught, 0 of 3 held out"
+    )
+    assert md.index(HEADLINE) < md.index("**Decision: Promoted**") < md.index("## Metrics")
+    headings = re.findall(r"^## (.+)$", md, re.M)
+    assert headings[0] == "What it learned" and headings.index("Metrics") > 0
+    section = md.split("## What it learned")[1].split("\n## ")[0]
+    assert "2 of the taught items were held out last cycle" in section
+    assert section.count("| taught (held out last cycle) |") == 2
+    assert section.count("| taught |") == 10 and section.count("| held out |") == 3
+    row = next(line for line in section.splitlines() if "quenfish5," in line)
+    assert row.startswith("| taught | Which fish lives in lake 5? |")
+    assert row.endswith("| quenfish5, 1987 | A salmon, since 1990. | no (0.00) | no (0.00) |")
+    assert "| The quenfish0, since 1987. | yes (1.00) | no (0.00) |" in section
+    assert "at least 50% of the correction's content words" in section
+    assert "never trained on" in section
+
+
+def test_markdown_learning_escapes_and_truncates() -> None:
+    r = learning_report()
+    r["learning"]["items"][0]["prompt"] = f"{HOSTILE} | *x* " + "long " * 100
+    md = render_markdown(r)
+    row = next(line for line in md.splitlines() if "alert(1)" in line)
+    assert "&lt;script>alert(1)&lt;/script> \\| \\*x\\*" in row
+    cell = row.split(" | ")[1]
+    assert cell.endswith("…") and len(cell) < rep.CELL_CHARS + 20
+
+
+@pytest.mark.parametrize(
+    "learning",
+    [
+        None,
+        "not a dict",
+        {"taught": "x", "held_out": {"n": "3"}, "items": [None, 3, {"split": 5}], "carried": []},
+    ],
+    ids=["none", "odd-type", "odd-fields"],
+)
+def test_reports_without_a_usable_learning_block_render(learning: Any) -> None:
+    for r in (sample_report(), sample_report(learning=learning)):  # no key, then an odd one
+        md, page = render_markdown(r), render_html(r)
+        assert_self_contained(page)
+        if "learning" in r and isinstance(learning, dict):
+            assert "taught: not recorded" in md and "taught: not recorded" in page
+            assert "## What it learned" in md and 'id="learned"' in page
+            continue
+        assert "taught:" not in md and "taught:" not in page
+        assert "What it learned" not in md and "What it learned" not in page
+        assert md.index("**Decision: Promoted**") == len("# Promotion report v0003\n\n")
+        assert rep.index_entry(r)["taught"] is None
+
+
+def test_a_cycle_with_nothing_new_to_learn_says_so() -> None:
+    empty = {"n": 0, "learned": {"base": 0, "current": 0, "candidate": 0}}
+    r = sample_report(learning={"threshold": 0.5, "taught": empty, "held_out": empty,
+                                "carried": 0, "items": []})  # fmt: skip
+    md, page = render_markdown(r), render_html(r)
+    for text in (md, page):
+        assert "taught: no correction with new content this cycle" in text
+        assert "held out: no correction with new content this cycle" in text
+        assert "current version (v0002)" not in text
+    assert "*No correction with new content this cycle.*" in md
+    assert "No correction with new content this cycle.</p>" in page
+    assert rep.index_entry(r)["taught"] == "none"
+
+
 # -- HTML --------------------------------------------------------------------------------------
 def assert_self_contained(page: str) -> None:
     assert "http://" not in page and "https://" not in page
@@ -346,6 +455,34 @@ def test_html_escapes_user_text() -> None:
     assert "<img" not in page
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 7
     assert page.count("<script") == 1  # the page's own
+
+
+def test_html_leads_with_what_it_learned() -> None:
+    r = learning_report()
+    r["learning"]["items"][5]["prompt"] = HOSTILE
+    page = render_html(r)
+    assert_self_contained(page)
+    banner = re.search(r'<section class="banner o-promoted".*?</section>', page, re.S)
+    assert banner and f"<strong>{HEADLINE}</strong>" in banner.group(0)
+    assert "held out: 1 of 3 answered with their content" in banner.group(0)
+    assert "current version (v0002): 0 of 12 taught, 0 of 3 held out" in banner.group(0)
+    assert page.index(HEADLINE) < page.index('id="learned"') < page.index('id="metrics"')
+    assert '<a href="#learned">What it learned</a>' in page
+    section = re.search(r'<section id="learned">.*?</section>', page, re.S)
+    assert section
+    rows = re.findall(r"<tr>(.*?)</tr>", section.group(0), re.S)[1:]
+    assert len(rows) == 15
+    not_learned = rows[5]
+    assert "<td>taught</td>" in not_learned
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in not_learned
+    assert '<td class="fail">no (0.00)</td><td class="muted">no (0.00)</td>' in not_learned
+    assert "<code>quenfish5</code> <code>1987</code>" in not_learned
+    assert '<td class="pass">yes (1.00)</td>' in rows[0]
+    assert "<td>taught (held out last cycle)</td>" in rows[0]
+    assert "<td>held out</td>" in rows[12] and '<td class="pass">' in rows[12]
+    assert '<td class="fail">' in rows[13]
+    assert HOSTILE not in page and page.count("<script") == 1
+    assert "never trained on" in section.group(0)
 
 
 def test_html_awaiting_approval_has_the_approval_box() -> None:
@@ -437,6 +574,17 @@ def test_index_entry_from_a_report() -> None:
     assert entry["task_delta"] == 0.31 and entry["cycle_id"] == "c-20261119-0930"
     assert entry["general_nll_change"] == pytest.approx(2.338 / 2.31 - 1)
     assert rep.index_entry({})["task_delta"] is None
+    assert entry["taught"] is None  # a report from before the learning block
+    assert rep.index_entry(learning_report())["taught"] == "11/12"
+
+
+def test_index_shows_what_each_candidate_learned() -> None:
+    later = learning_report(version="v0004", created_at=1795100000.0)
+    page = render_index([rep.index_entry(sample_report()), rep.index_entry(later)])
+    assert '<th class="num">taught</th>' in page
+    rows = re.findall(r"<tr>(.*?)</tr>", page, re.S)[1:]
+    assert '<a href="/reports/v0004">' in rows[0] and '<td class="num">11/12</td>' in rows[0]
+    assert f'<td class="num">{rep.DASH}</td>' in rows[1]
 
 
 # -- files -------------------------------------------------------------------------------------
