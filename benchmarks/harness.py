@@ -1,6 +1,6 @@
 """What the benchmarks that drive a real `adaptd serve` share: a port, the daemon's environment
-(a tiny model's small settings, overridable), starting and stopping it, percentiles, and
-memory read from /proc."""
+(a tiny model's small settings, overridable, or the daemon's defaults), starting and stopping
+it, percentiles, and memory read from /proc."""
 
 from __future__ import annotations
 
@@ -63,25 +63,28 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-def daemon_env(**settings: str) -> dict[str, str]:
+def daemon_env(*, tiny: bool = True, **settings: str) -> dict[str, str]:
     """This process's environment without its ADAPTD_ settings, plus the keys, the tiny
-    model's settings and ``settings`` (ADAPTD_... = value)."""
+    model's settings (unless ``tiny`` is false: the daemon's defaults) and ``settings``
+    (ADAPTD_... = value)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTD_")}
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", ADAPTD_API_KEYS=INFER,
                ADAPTD_ADMIN_KEYS=ADMIN)  # fmt: skip
-    env.update(TINY_SETTINGS)
+    if tiny:
+        env.update(TINY_SETTINGS)
     env.update(settings)
     return env
 
 
 def start_daemon(
-    model: Path, data: Path, port: int, log_path: Path, **settings: str
+    model: Path, data: Path, port: int, log_path: Path, *, tiny: bool = True, **settings: str
 ) -> subprocess.Popen[bytes]:
-    """`adaptd serve` in a session of its own (so that `stop_daemon` can reach every child)."""
+    """`adaptd serve` in a session of its own (so that `stop_daemon` can reach every child);
+    ``tiny``: with `TINY_SETTINGS` (see `daemon_env`)."""
     cmd = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(model), "--data-dir",
            str(data), "--port", str(port)]  # fmt: skip
     return subprocess.Popen(
-        cmd, env=daemon_env(**settings), cwd=ROOT, stdout=log_path.open("ab"),
+        cmd, env=daemon_env(tiny=tiny, **settings), cwd=ROOT, stdout=log_path.open("ab"),
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 
