@@ -35,8 +35,8 @@ Tasks, trained in this order (``--tasks``), each with a train split and a held-o
 For both question tasks an answer that also names another of the task's answers (a second
 president, another capital) is wrong.
 
-Arms (``--arms``), all through the product's trainer (`learners.train.train`, in-process) with
-the product's defaults unless given here, each task continuing from the previous task's adapter
+Arms (``--arms``; plain, replay and both by default), all through the product's trainer
+(`learners.train.train`, in-process), each task continuing from the previous task's adapter
 (warm start, as the daemon does between cycles):
 
 * ``plain``: the task's examples alone;
@@ -45,7 +45,7 @@ the product's defaults unless given here, each task continuing from the previous
   model's own sampled answers to general prompts (40 %, temperature 1, as the daemon's
   self-replay: answered by the adapter the task starts from, the base model for the first) and
   a reservoir (`learners.replay.reservoir_update`) of earlier tasks' examples (30 %); the
-  shares are the daemon's defaults;
+  shares are the daemon's (`daemon.config.ReplaySettings`);
 * ``ewc``: EWC (``--ewc-lambda``, online with ``--ewc-decay``): the first task's Fisher comes
   from general data at the start, then each task's state (Fisher + anchor) goes to the next, as
   `daemon.candidate.build_candidate` passes ``ewc_state``;
@@ -54,11 +54,24 @@ the product's defaults unless given here, each task continuing from the previous
   model (the daemon's earlier rule: it undid learned answer styles, see
   docs/learning.md).
 
-They run in the order plain, both, replay, ewc (so that a run cut short still has the two arms
-the targets compare); tables and plots show them in the order above.
+By default they run in the order plain, both, replay (so that a run cut short still has the
+two arms the first targets compare); tables and plots show them in the order above.
 
-Training steps follow the product's rule (at least ``--epochs`` passes over the task plus its
-replay, and ``--min-steps``), unless ``--steps`` fixes them.
+Settings default to what the daemon ships: every training and replay option below reads its
+default from `daemon.config.TrainingSettings()` / `ReplaySettings()` (or, where pydantic is
+missing, from `learners.train.TrainSettings()` plus the two daemon-level values it lacks, EWC's
+lambda and the replay ratio and shares, copied as constants); the results record the defaults
+(``product_defaults``, with where they were read) and any setting that differs
+(``off_defaults``). Self-replay answers are capped at ``--self-tokens`` (64; the daemon's cap is
+256) to keep a run short. Training follows the product's rule: a budget of ``--max-epochs``
+passes over the task plus its replay (at least ``--min-steps``), and after each pass from
+``--epochs`` (min_epochs) on the task's own examples (``TrainJob.n_taught``: the replay is not
+scored) are scored, teacher-forced, and training stops once ``--stop-token-accuracy`` of their
+answer tokens are the model's most likely next token (``none``: every pass runs); EWC's
+gradient is capped at ``--ewc-max-share`` of the task gradient's length (``none``: uncapped).
+``--steps`` fixes the steps instead. Each stage records the steps run, the budget, the passes,
+why training stopped (learned / budget / steps), the taught answers' last check and how often
+EWC's cap bit.
 
 Metrics, measured on the base model and after every task of every arm (R[j][i]: score on task
 i's held-out items after training task j; j = 0 is the base model):
@@ -75,8 +88,10 @@ i's held-out items after training task j; j = 0 is the base model):
 * BWT (TRACE): 1/(T-1) * sum_{i<T} (R[T][i] - R[i][i]), in accuracy points; negative is
   forgetting. Also on answer NLL (the same sum over -(NLL[T][i] - NLL[i][i]), in nats).
 
-Targets (issue): with replay and EWC, general NLL within 2 % of the base model (read as: at most
-2 % higher), BWT no worse than -1 point, and a task gain at least 90 % of plain LoRA's.
+Targets (issue), for replay and EWC ("both") at the shipped defaults: a task gain at least
+95 % of plain LoRA's, BWT no worse than -1 point, general NLL at most 1 % above the base
+model's; and, at the same gain (both's gain no more than 5 % of plain's gain below replay's),
+both forgets less than replay in the same run (a lower general NLL change or a higher BWT).
 
 Output: a table on stdout, a progress line per arm and task on stderr, the results as JSON
 (``--out``, by default ``docs/results/forgetting_<model>_<device>.json``) and an SVG plot
@@ -137,7 +152,8 @@ ARMS = {
     "replay-base": (True, False, "base"),
     "both-base": (True, True, "base"),
 }
-REPLAY_SHARES = {"general": 0.3, "self": 0.4, "past": 0.3}  # the daemon's defaults
+# The daemon's replay shares (`daemon.config.ReplaySettings`), set by `product_defaults()`.
+REPLAY_SHARES = {"general": 0.3, "self": 0.4, "past": 0.3}
 STYLE_OPEN = "Thanks for asking!"
 STYLE_CLOSE = "- The adaptd help desk"
 COLOURS = {"plain": "#7f7f7f", "replay": "#1f77b4", "ewc": "#ff7f0e", "both": "#2ca02c",
@@ -168,6 +184,76 @@ CAPITAL_HELDOUT = "Name the capital city of {state}."
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# Used only where `daemon.config` cannot be imported (pydantic and pydantic-settings missing, as
+# on a bare GPU image): the daemon-level defaults that `learners.train.TrainSettings` does not
+# hold (it defaults to EWC off), copied from `daemon.config.TrainingSettings.ewc_lambda` and
+# `daemon.config.ReplaySettings` (ratio, shares, reservoir_size).
+DAEMON_EWC_LAMBDA = 1000.0
+DAEMON_REPLAY = {"ratio": 1.0, "general": 0.3, "self": 0.4, "past": 0.3, "reservoir": 2000}
+
+
+def product_defaults() -> dict[str, Any]:
+    """The shipped training and replay defaults: `daemon.config.TrainingSettings()` and
+    `ReplaySettings()`, or, where pydantic is missing, `learners.train.TrainSettings()` plus
+    the daemon-level constants above. ``source`` says which."""
+    try:
+        from daemon.config import ReplaySettings, TrainingSettings
+    except ImportError as e:
+        from learners.train import TrainSettings
+
+        s = TrainSettings()
+        return {
+            "source": f"learners.train.TrainSettings + copied daemon constants ({e.name} missing)",
+            "lr": s.learning_rate,
+            "schedule": s.schedule,
+            "warmup_ratio": s.warmup_ratio,
+            "epochs": s.min_epochs,
+            "max_epochs": s.max_epochs,
+            "stop_token_accuracy": s.stop_token_accuracy,
+            "min_steps": s.min_steps,
+            "max_steps": s.max_steps,
+            "batch_tokens": s.batch_tokens,
+            "max_len": s.max_len,
+            "ewc_lambda": DAEMON_EWC_LAMBDA,
+            "ewc_decay": s.ewc_decay,
+            "ewc_max_share": s.ewc_max_share,
+            "rank": s.lora.rank,
+            "alpha": s.lora.alpha,
+            "dropout": s.lora.dropout,
+            "replay_ratio": DAEMON_REPLAY["ratio"],
+            "replay_shares": {k: DAEMON_REPLAY[k] for k in ("general", "self", "past")},
+            "reservoir": DAEMON_REPLAY["reservoir"],
+        }
+    t, r = TrainingSettings.model_validate({}), ReplaySettings.model_validate({})  # the defaults
+    return {
+        "source": "daemon.config",
+        "lr": t.learning_rate,
+        "schedule": t.schedule,
+        "warmup_ratio": t.warmup_ratio,
+        "epochs": t.min_epochs,
+        "max_epochs": t.max_epochs,
+        "stop_token_accuracy": t.stop_token_accuracy,
+        "min_steps": t.min_steps,
+        "max_steps": t.max_steps,
+        "batch_tokens": t.batch_tokens,
+        "max_len": t.max_len,
+        "ewc_lambda": t.ewc_lambda,
+        "ewc_decay": t.ewc_decay,
+        "ewc_max_share": t.ewc_max_share,
+        "rank": t.rank,
+        "alpha": t.alpha,
+        "dropout": t.dropout,
+        "replay_ratio": r.ratio,
+        "replay_shares": {"general": r.general_share, "self": r.self_share, "past": r.past_share},
+        "reservoir": r.reservoir_size,
+    }
+
+
+def optional_float(text: str) -> float | None:
+    """A number, or ``none`` (the setting switched off)."""
+    return None if text.strip().lower() in ("none", "off", "") else float(text)
 
 
 # ============================================================================ --prepare
@@ -707,6 +793,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars, one per model load
     started = time.perf_counter()
+    shipped = product_defaults()
+    REPLAY_SHARES.update(shipped["replay_shares"])
     data = load_data(Path(args.data))
     model_dir, model_name = resolve_model(args.model)
     r = Runner(model_dir, args)
@@ -777,11 +865,21 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         "model": model_name,
         "libraries": {p: _version(p) for p in ("torch", "transformers", "peft")},
         "data": {"file": str(Path(args.data).name), **data["meta"]},
+        "commit": args.commit or git_commit(),
         "settings": {
             k: (Path(v).name if k in ("model", "data", "out") and v else v)
             for k, v in vars(args).items()
-            if k not in ("prepare", "plot", "source")
+            if k not in ("prepare", "plot", "source", "commit")
         },
+        # the shipped defaults the arguments default to (and where they were read from);
+        # settings differing from them are listed in "off_defaults"
+        "product_defaults": shipped,
+        "off_defaults": {
+            k: getattr(args, k)
+            for k in shipped
+            if k != "source" and hasattr(args, k) and getattr(args, k) != shipped[k]
+        },
+        "replay_shares": dict(REPLAY_SHARES),
         "tasks": [
             {"name": t.name, "train": len(t.train), "heldout": len(t.heldout)} for t in tasks
         ],
@@ -816,16 +914,22 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                     rng,
                 )
             settings = TrainSettings(
-                lora=LoraSettings(rank=args.rank, alpha=args.alpha),
+                lora=LoraSettings(rank=args.rank, alpha=args.alpha, dropout=shipped["dropout"]),
                 learning_rate=args.lr,
+                schedule=shipped["schedule"],
+                warmup_ratio=shipped["warmup_ratio"],
                 steps=args.steps,
                 min_epochs=args.epochs,
+                max_epochs=args.max_epochs,
+                stop_token_accuracy=args.stop_token_accuracy,
                 min_steps=args.min_steps,
+                max_steps=shipped["max_steps"],
                 max_len=args.max_len,
                 batch_tokens=args.batch_tokens,
                 seed=args.seed,
                 ewc_lambda=args.ewc_lambda if use_ewc else 0.0,
                 ewc_decay=args.ewc_decay,
+                ewc_max_share=args.ewc_max_share,
                 checkpoint_every=0,
                 attention=args.attention,
             )
@@ -840,8 +944,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 fisher_examples=(general_replay[:64] + self_replay[:64])
                 if use_ewc and j == 0
                 else (),
+                # the task's own examples come first: the stopping rule scores them, as the
+                # daemon's cycle scores its feedback (`daemon.candidate`: n_taught=len(new))
+                n_taught=len(task.train),
             )
             result = train(job)
+            scales = ewc_scales(job.work_dir / "progress.jsonl") if use_ewc else []
             reservoir, seen = replay_lib.reservoir_update(
                 reservoir, seen, task.train, args.reservoir, rng
             )
@@ -857,6 +965,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             r.release()
             ev["train"] = {
                 "steps": result.steps,
+                "planned_steps": result.planned_steps,
+                "epochs": result.epochs,
+                "stop": result.stop,
+                "taught_last": result.taught_checks[-1] if result.taught_checks else None,
+                "taught_checks": result.taught_checks,
+                # EWC's gradient scale per step (1.0: not capped by ewc_max_share)
+                "ewc_scale_mean": sum(scales) / len(scales) if scales else None,
+                "ewc_capped_steps": sum(x < 1.0 for x in scales) if scales else None,
                 "examples": result.examples,
                 "replayed": dict(Counter(src for src, _ in replayed)),
                 "tokens": result.tokens,
@@ -867,8 +983,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             }
             ev["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
             stages.append(ev)
+            taught = result.taught_checks[-1]["token_accuracy"] if result.taught_checks else None
             log(
-                f"{arm:<6} after {j + 1}/{len(tasks)} {task.name:<8} {result.steps:>4} steps "
+                f"{arm:<6} after {j + 1}/{len(tasks)} {task.name:<8} {result.steps:>4}/"
+                f"{result.planned_steps} steps ({result.epochs:g} passes, {result.stop}, taught "
+                f"{num(taught and 100 * taught, '.1f')} %) "
                 f"{result.seconds:6.1f} s, loss {result.first_loss:.3f} -> "
                 f"{result.final_loss:.3f}; {fmt_scores(ev, base_eval)} (eval {ev['eval_seconds']:.1f} s)"
             )
@@ -882,6 +1001,28 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             run_dir.parent.rmdir()  # when no other run is under way
     results["complete"] = True
     return results, out
+
+
+def ewc_scales(progress: Path) -> list[float]:
+    """The factor EWC's gradient was scaled by at each step (the trainer's progress log)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for line in progress.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                out.append(float(json.loads(line)["ewc_scale"]))
+    return out
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout, with ``+uncommitted`` when tracked files differ (None: no git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+uncommitted" if dirty.strip() else "")
 
 
 def ordered(arms: dict[str, Any]) -> dict[str, Any]:
@@ -924,6 +1065,9 @@ def summarise(results: dict[str, Any]) -> None:
             "general_nll_change_pct_by_source": by_source,
             "train_s": round(sum(s["train"]["seconds"] for s in st), 1),
             "train_steps": sum(s["train"]["steps"] for s in st),
+            "train_steps_per_task": [s["train"]["steps"] for s in st],
+            "epochs_per_task": [s["train"].get("epochs") for s in st],
+            "stop_per_task": [s["train"].get("stop") for s in st],
         }
     plain = results["arms"].get("plain", {}).get("metrics", {}).get("task_gain")
     for a in results["arms"].values():
@@ -931,13 +1075,55 @@ def summarise(results: dict[str, Any]) -> None:
         a["metrics"]["gain_ratio"] = g / plain if plain else None
     both = results["arms"].get("both", {}).get("metrics")
     if both:
-        results["targets"] = {
-            # "within 2 % of the base model": at most 2 % worse (a lower NLL is no forgetting)
-            "general_within_2pct": both["general_nll_change_pct"] <= 2.0,
-            "bwt_at_least_minus_1": both["bwt"] is not None and both["bwt"] >= -1.0,
-            "gain_at_least_90pct_of_plain": both["gain_ratio"] is not None
-            and both["gain_ratio"] >= 0.9,
+        results["targets"] = targets(both, results["arms"].get("replay", {}).get("metrics"), plain)
+
+
+# Targets (issue), for replay + EWC ("both") at the shipped defaults.
+GAIN_RATIO_TARGET = 0.95  # task gain at least this share of plain LoRA's
+BWT_TARGET = -1.0  # accuracy points; negative is forgetting
+GENERAL_TARGET = 1.0  # general NLL at most this many percent above the base model's
+# "At the same gain": both's task gain is no more than this share of plain's gain below replay's
+# (the same 5 % slack as the gain target; one held-out item moves a task's score 1.6-2 points).
+SAME_GAIN_SLACK = 0.05
+
+
+def targets(
+    both: dict[str, Any], replay: dict[str, Any] | None, plain_gain: float | None
+) -> dict[str, Any]:
+    """The targets for "both": gain, BWT and general NLL against fixed bars, and forgetting
+    less than "replay" at the same gain (None where replay did not run)."""
+    out: dict[str, Any] = {
+        "gain_at_least_95pct_of_plain": both["gain_ratio"] is not None
+        and both["gain_ratio"] >= GAIN_RATIO_TARGET,
+        "bwt_at_least_minus_1": both["bwt"] is not None and both["bwt"] >= BWT_TARGET,
+        # "within 1 % of the base model": at most 1 % worse (a lower NLL is no forgetting)
+        "general_within_1pct": both["general_nll_change_pct"] <= GENERAL_TARGET,
+        "forgets_less_than_replay_at_same_gain": None,
+    }
+    if replay is not None:
+        slack = SAME_GAIN_SLACK * abs(plain_gain or 0.0)
+        same_gain = both["task_gain"] >= replay["task_gain"] - slack
+        less_general = both["general_nll_change_pct"] < replay["general_nll_change_pct"]
+        higher_bwt = (
+            both["bwt"] is not None and replay["bwt"] is not None and both["bwt"] > replay["bwt"]
+        )
+        out["forgets_less_than_replay_at_same_gain"] = same_gain and (less_general or higher_bwt)
+        out["vs_replay"] = {
+            "same_gain": same_gain,
+            "gain_difference": both["task_gain"] - replay["task_gain"],
+            "lower_general_nll_change": less_general,
+            "higher_bwt": higher_bwt,
         }
+    out["all_met"] = all(out[k] is True for k in TARGET_KEYS)
+    return out
+
+
+TARGET_KEYS = (
+    "gain_at_least_95pct_of_plain",
+    "bwt_at_least_minus_1",
+    "general_within_1pct",
+    "forgets_less_than_replay_at_same_gain",
+)
 
 
 def num(x: float | None, spec: str) -> str:
@@ -984,19 +1170,41 @@ def print_table(results: dict[str, Any]) -> None:
         "token (negative = forgotten); general NLL: change from the base model, pooled and on\n"
         "SOTU text (the replayed domain) and Moby-Dick text (never replayed)"
     )
-    print("\nscore after each task (R[j][i], %):")
+    print("\nscore after each task (R[j][i], %), and how its training ended:")
     for arm, a in ordered(results["arms"]).items():
         for j, s in enumerate(a["stages"]):
             cells = "  ".join(f"{t} {s['score'][t]:5.1f}" for t in names)
-            print(f"  {arm:<11} after {names[j]:<9} {cells}   general {s['general_nll']:.4f}")
+            tr = s["train"]
+            last = tr.get("taught_last")
+            how = (
+                f"{tr['steps']}/{tr.get('planned_steps', '?')} steps, "
+                f"{tr.get('epochs', '?')} passes, {tr.get('stop', '?')}, taught "
+                + (f"{100 * last['token_accuracy']:.1f} %" if last else "-")
+            )
+            print(
+                f"  {arm:<11} after {names[j]:<9} {cells}   general {s['general_nll']:.4f}   {how}"
+            )
     if "targets" in results:
         t = results["targets"]
+
+        def verdict(v: bool | None) -> str:
+            return "not run" if v is None else ("met" if v else "missed")
+
         print(
-            "\ntargets (replay + EWC): general NLL within 2 %: "
-            f"{'met' if t['general_within_2pct'] else 'missed'}; BWT >= -1 point: "
-            f"{'met' if t['bwt_at_least_minus_1'] else 'missed'}; gain >= 90 % of plain: "
-            f"{'met' if t['gain_at_least_90pct_of_plain'] else 'missed'}"
+            f"\ntargets (replay + EWC): gain >= {100 * GAIN_RATIO_TARGET:.0f} % of plain: "
+            f"{verdict(t['gain_at_least_95pct_of_plain'])}; BWT >= {BWT_TARGET:g} point: "
+            f"{verdict(t['bwt_at_least_minus_1'])}; general NLL at most +{GENERAL_TARGET:g} %: "
+            f"{verdict(t['general_within_1pct'])}; forgets less than replay at the same gain: "
+            f"{verdict(t['forgets_less_than_replay_at_same_gain'])}"
         )
+        if "vs_replay" in t:
+            v = t["vs_replay"]
+            print(
+                f"  vs replay: gain {v['gain_difference']:+.1f} points (same gain: "
+                f"{'yes' if v['same_gain'] else 'no'}, slack {SAME_GAIN_SLACK:.0%} of plain's); "
+                f"lower general NLL change: {'yes' if v['lower_general_nll_change'] else 'no'}; "
+                f"higher BWT: {'yes' if v['higher_bwt'] else 'no'}"
+            )
 
 
 # ============================================================================ the plot (SVG)
@@ -1083,10 +1291,10 @@ def write_svg(results: dict[str, Any], path: Path) -> None:
     m = {arm: a["metrics"] for arm, a in arms.items()}
     plain = m.get("plain", {}).get("task_gain")
     panels: list[tuple[str, str, float | None, str]] = [
-        ("task gain (points)", "task_gain", 0.9 * plain if plain else None, "+.1f"),
-        ("BWT (points)", "bwt", -1.0, "+.1f"),
+        ("task gain (points)", "task_gain", GAIN_RATIO_TARGET * plain if plain else None, "+.1f"),
+        ("BWT (points)", "bwt", BWT_TARGET, "+.1f"),
         ("BWT on answer NLL (nats)", "bwt_nll", None, "+.3f"),
-        ("general NLL change (%)", "general_nll_change_pct", 2.0, "+.2f"),
+        ("general NLL change (%)", "general_nll_change_pct", GENERAL_TARGET, "+.2f"),
     ]
     body: list[str] = []
     pw = width / len(panels)
@@ -1152,27 +1360,37 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA_FILE))
     ap.add_argument("--model", default="smollm2", help="a model folder, a .gguf, smollm2 or tiny")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    # plain and both first: a run cut short by a time limit still has the target's two arms
-    ap.add_argument(
-        "--arms", nargs="+", choices=list(ARMS), default=["plain", "both", "replay", "ewc"]
-    )
+    # plain, both, replay: the arms the targets compare, in an order that a run cut short by a
+    # time limit still has the first target's two (tables and plots show the order of ARMS)
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=["plain", "both", "replay"])
     ap.add_argument("--items", type=int, default=160, help="training examples per task (at most)")
     ap.add_argument("--eval-items", type=int, default=64, help="held-out items per task")
     ap.add_argument("--general-items", type=int, default=96, help="held-out general passages")
     ap.add_argument("--general-tokens", type=int, default=256, help="tokens per general passage")
+    # Training and replay default to what the daemon ships (`product_defaults()`).
+    d = product_defaults()
     ap.add_argument("--steps", type=int, default=None, help="exact steps per task (else epochs)")
-    ap.add_argument("--epochs", type=float, default=10.0, help="at least this many passes")
-    ap.add_argument("--min-steps", type=int, default=24)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=int, default=32)
-    ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--epochs", type=float, default=d["epochs"],
+                    help="at least this many passes (min_epochs); the stopping rule looks from here")  # fmt: skip
+    ap.add_argument(
+        "--max-epochs", type=float, default=d["max_epochs"], help="at most this many passes"
+    )
+    ap.add_argument("--stop-token-accuracy", type=optional_float, default=d["stop_token_accuracy"],
+                    help="stop once this share of the task's answer tokens is the argmax; none: "
+                    "run every pass")  # fmt: skip
+    ap.add_argument("--min-steps", type=int, default=d["min_steps"])
+    ap.add_argument("--lr", type=float, default=d["lr"])
+    ap.add_argument("--rank", type=int, default=d["rank"])
+    ap.add_argument("--alpha", type=int, default=d["alpha"])
+    ap.add_argument("--batch-tokens", type=int, default=d["batch_tokens"])
+    ap.add_argument("--max-len", type=int, default=d["max_len"])
     ap.add_argument("--attention", default=None, help="flex_attention | sdpa (default: product's)")
-    ap.add_argument("--ewc-lambda", type=float, default=1000.0)
-    ap.add_argument("--ewc-decay", type=float, default=0.9)
-    ap.add_argument("--replay-ratio", type=float, default=1.0)
-    ap.add_argument("--reservoir", type=int, default=2000)
+    ap.add_argument("--ewc-lambda", type=float, default=d["ewc_lambda"])
+    ap.add_argument("--ewc-decay", type=float, default=d["ewc_decay"])
+    ap.add_argument("--ewc-max-share", type=optional_float, default=d["ewc_max_share"],
+                    help="EWC's gradient cancels at most this share of the task's; none: uncapped")  # fmt: skip
+    ap.add_argument("--replay-ratio", type=float, default=d["replay_ratio"])
+    ap.add_argument("--reservoir", type=int, default=d["reservoir"])
     ap.add_argument("--answer-tokens", type=int, default=48, help="length of style answers")
     ap.add_argument("--self-tokens", type=int, default=64, help="length of self-replay answers")
     ap.add_argument("--gen-batch", type=int, default=64)
@@ -1181,6 +1399,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--keep", action="store_true", help="keep the adapters of the run")
     ap.add_argument("--out", default=None, help="results JSON (an SVG is written beside it)")
+    ap.add_argument("--commit", default=None,
+                    help="the code's commit, for the results (default: git rev-parse HEAD)")  # fmt: skip
     args = ap.parse_args()
     if args.prepare:
         prepare(args)
