@@ -197,8 +197,15 @@ def run_job(
         if code == EXIT_NO_ROOM:  # and no room for result.json either
             raise TrainingFailed(NO_ROOM, "no_room")
         if restarts >= max_restarts:
+            # SIGKILL from no one we know of is most often the kernel's out-of-memory killer
+            oom = (
+                ": killed (SIGKILL), most likely out of memory; lower training.batch_tokens "
+                "(or training.max_len)"
+                if code == -9
+                else ""
+            )
             raise TrainingFailed(
-                f"training crashed {restarts + 1} times (last exit status {code}"
+                f"training crashed {restarts + 1} times (last exit status {code}{oom}"
                 f"{_last_error(work / 'child.log')}); see {work / 'child.log'}",
                 "crash",
             )

@@ -83,7 +83,7 @@ class TrainSettings:
     min_steps: int = 1
     max_steps: int = 2000
     max_len: int = 1024
-    batch_tokens: int = 8192  # tokens per optimizer step (packed rows of max_len)
+    batch_tokens: int = 2048  # tokens per optimizer step (packed rows of max_len)
     seed: int = 0
     ewc_lambda: float = 0.0  # 0 switches EWC off
     ewc_decay: float = 0.9
