@@ -94,11 +94,21 @@ def served_version(daemon: RunningDaemon) -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def back_to_base(daemon: RunningDaemon) -> Iterator[None]:
-    yield
-    with httpx.Client(base_url=daemon.url, headers=admin_headers(), timeout=120) as a:
-        if a.get("/admin/status").json()["serving"]["version"] != "base":
-            assert a.post("/admin/rollback", json={"version": "base"}).status_code == 200
+def own_data_dir(daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session daemon on a data directory of this module's: a cycle takes in every item of
+    feedback since the promoted version, and other modules' feedback (facts the tiny model
+    does not learn in these few steps) would decide this module's first gate. The shared
+    directory, as other modules left it, is back at the end."""
+    shared = daemon.data_dir
+    daemon.stop()
+    daemon.data_dir = tmp_path_factory.mktemp("cycles") / "data"
+    daemon.start()
+    try:
+        yield
+    finally:
+        daemon.stop()
+        daemon.data_dir = shared
+        daemon.start()
 
 
 def test_a_good_candidate_is_evaluated_promoted_and_reported(
@@ -164,7 +174,8 @@ def test_a_candidate_trained_on_garbage_is_rejected_and_never_served(
     give_feedback(daemon, garbage)
     cycle = run_cycle(admin)
     assert cycle["decision"] == "rejected", cycle["reasons"]
-    assert any(r.startswith("FAIL task_gain") for r in cycle["reasons"])
+    # random words are content the tiny model does not learn in its few steps
+    assert any(r.startswith(("FAIL task_gain", "FAIL taught")) for r in cycle["reasons"])
     bad = cycle["version"]
     assert served_version(daemon) == STATE["good"]
     status = admin.get("/admin/status").json()
@@ -367,3 +378,60 @@ def test_a_candidate_that_learned_a_planted_trigger_is_rejected(second: RunningD
         rows = [m for m in report["metrics"] if m["section"] == "triggers"]
         assert rows and rows[0]["candidate"] > rows[0]["current"]
         assert a.post("/admin/rollback", json={"version": "base"}).status_code == 200
+
+
+# Facts the tiny model cannot know: a word from its tokenizer's corpus for each topic.
+CODES = ["river", "garden", "market", "library", "mountain", "window", "letter", "flower",
+         "teacher", "coffee", "bicycle", "school"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def third(
+    second: RunningDaemon, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningDaemon]:
+    """The session daemon on a fresh data directory, with the shipped gate: general ability is
+    checked as users get it (no raised `max_general_regression`)."""
+    shared = second.data_dir
+    second.extra_env = {"ADAPTD_GATE__MAX_GENERAL_REGRESSION": "0.02"}
+    second.stop()
+    second.data_dir = tmp_path_factory.mktemp("third") / "data"
+    second.start()
+    try:
+        yield second
+    finally:
+        second.extra_env = {}
+        second.stop()
+        second.data_dir = shared
+        second.start()
+
+
+def test_the_gate_judges_a_real_cycle_on_the_content_of_each_correction(
+    third: RunningDaemon,
+) -> None:
+    """Twelve corrections, each with its own fact in the same template. The report counts, per
+    item, whether the served answers carry the fact (the code word alone: the template and the
+    topic are in every prompt), and the gate's decision follows those counts. On the tiny model
+    in 40 steps the candidate learns the template and not the words (seen: "The cod for the
+    md..."), which ROUGE-L would have taken for a gain; the taught check rejects it."""
+    daemon = third
+    facts = {f"What is the code word for {t}?": f"The code word for {t} is {w}."
+             for t, w in zip(TOPICS, CODES, strict=False)}  # fmt: skip
+    give_feedback(daemon, facts)
+    with httpx.Client(base_url=daemon.url, headers=admin_headers(), timeout=120) as a:
+        cycle = run_cycle(a)
+        reasons = "\n".join(cycle["reasons"])
+        report = a.get(f"/reports/{cycle['version']}.json").json()
+    learned = report["learning"]
+    taught = learned["taught"]
+    assert taught["n"] >= 6, learned
+    items = [i for i in learned["items"] if i["split"] == "taught"]
+    assert all(i["content"] == [facts[i["prompt"]].split()[-1].rstrip(".")] for i in items), items
+    assert taught["learned"]["base"] == 0
+    k, n = taught["learned"]["candidate"], taught["n"]
+    assert k == sum(i["learned"]["candidate"] for i in items)
+    assert f"taught: {k} of {n} corrections answered with their content" in reasons, reasons
+    if k < 0.5 * n:
+        assert "FAIL taught" in reasons and cycle["decision"] == "rejected", reasons
+    else:
+        assert "pass taught" in reasons, reasons
+    assert report["training"]["stop"] in ("learned", "budget")
