@@ -29,6 +29,9 @@ Messages = Sequence[Mapping[str, Any]]
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    # Fit the answer to the teacher's distribution (replay by distillation, see
+    # `learners.train`), not to its tokens.
+    soft: bool = False
 
     @property
     def n_target(self) -> int:
@@ -41,11 +44,13 @@ class PackedRow:
     labels: list[int] = field(default_factory=list)
     position_ids: list[int] = field(default_factory=list)
     segments: list[int] = field(default_factory=list)
+    soft: list[bool] = field(default_factory=list)
 
     def add(self, ex: Tokenized) -> None:
         seg = (self.segments[-1] + 1) if self.segments else 0
         self.input_ids += ex.input_ids
         self.labels += ex.labels
+        self.soft += [ex.soft] * len(ex.input_ids)
         self.position_ids += list(range(len(ex.input_ids)))
         self.segments += [seg] * len(ex.input_ids)
 
@@ -133,12 +138,15 @@ def collate(
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     labels = torch.full((n, length), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((n, length), dtype=torch.long)
+    soft = torch.zeros((n, length), dtype=torch.bool)
     for i, r in enumerate(rows):
         k = len(r)
         input_ids[i, :k] = torch.tensor(r.input_ids)
         labels[i, :k] = torch.tensor(r.labels)
         position_ids[i, :k] = torch.tensor(r.position_ids)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if any(r.soft):
+            soft[i, :k] = torch.tensor(r.soft)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "soft": soft}
 
 
 def shift_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
