@@ -67,20 +67,16 @@ TARGET_GENERAL = 0.02
 # "self_max_tokens", "rank", "alpha", "targets" (LoRA target modules).
 ARMS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "kl": {"replay_loss": "kl"},
-    "no-replay": {"replay_ratio": 0.0},
+    "ce": {"replay_loss": "ce"},
     "no-ewc": {"ewc_lambda": 0.0},
-    "kl-no-ewc": {"replay_loss": "kl", "ewc_lambda": 0.0},
-    "kl-r3": {"replay_loss": "kl", "replay_ratio": 3.0},
+    "r2": {"replay_ratio": 2.0},
     "r3": {"replay_ratio": 3.0},
-    "lr3e-4": {"learning_rate": 3e-4, "max_epochs": 30.0},
-    "kl-lr3e-4": {"replay_loss": "kl", "learning_rate": 3e-4, "max_epochs": 30.0},
-    "kl-lr5e-4": {"replay_loss": "kl", "learning_rate": 5e-4, "max_epochs": 20.0},
-    "kl-mlp": {"replay_loss": "kl", "targets": ["gate_proj", "up_proj", "down_proj"]},
-    "kl-r8": {"replay_loss": "kl", "rank": 8, "alpha": 16},
-    "kl-stop90": {"replay_loss": "kl", "stop_token_accuracy": 0.9},
-    "kl-ewc5000": {"replay_loss": "kl", "ewc_lambda": 5000.0, "ewc_max_share": None},
-    "kl-short": {"replay_loss": "kl", "self_max_tokens": 96},
+    "r3-e20": {"replay_ratio": 3.0, "max_epochs": 20.0},
+    "r3-no-ewc": {"replay_ratio": 3.0, "ewc_lambda": 0.0},
+    "r3-lr2e-3": {"replay_ratio": 3.0, "learning_rate": 2e-3},
+    "r3-short": {"replay_ratio": 3.0, "self_max_tokens": 96},
+    "r3-stop100": {"replay_ratio": 3.0, "stop_learned": 1.0, "max_epochs": 20.0},
+    "r3-lr5e-4": {"replay_ratio": 3.0, "learning_rate": 5e-4, "max_epochs": 24.0},
 }
 
 
@@ -205,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_ratio": shipped["warmup_ratio"],
             "min_epochs": shipped["epochs"],
             "max_epochs": shipped["max_epochs"],
-            "stop_token_accuracy": shipped["stop_token_accuracy"],
+            "stop_learned": shipped["stop_learned"],
             "min_steps": shipped["min_steps"],
             "max_steps": shipped["max_steps"],
             "batch_tokens": shipped["batch_tokens"],

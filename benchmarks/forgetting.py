@@ -66,7 +66,7 @@ lambda and the replay ratio and shares, copied as constants); the results record
 256) to keep a run short. Training follows the product's rule: a budget of ``--max-epochs``
 passes over the task plus its replay (at least ``--min-steps``), and after each pass from
 ``--epochs`` (min_epochs) on the task's own examples (``TrainJob.n_taught``: the replay is not
-scored) are scored, teacher-forced, and training stops once ``--stop-token-accuracy`` of their
+scored) are scored, teacher-forced, and training stops once ``--stop-learned`` of their
 answer tokens are the model's most likely next token (``none``: every pass runs); EWC's
 gradient is capped at ``--ewc-max-share`` of the task gradient's length (``none``: uncapped).
 ``--steps`` fixes the steps instead. Each stage records the steps run, the budget, the passes,
@@ -191,7 +191,9 @@ def log(msg: str) -> None:
 # hold (it defaults to EWC off), copied from `daemon.config.TrainingSettings.ewc_lambda` and
 # `daemon.config.ReplaySettings` (ratio, shares, reservoir_size).
 DAEMON_EWC_LAMBDA = 1000.0
-DAEMON_REPLAY = {"ratio": 1.0, "general": 0.3, "self": 0.4, "past": 0.3, "reservoir": 2000}
+DAEMON_REPLAY: dict[str, Any] = {
+    "ratio": 1.0, "general": 0.3, "self": 0.4, "past": 0.3, "reservoir": 2000, "loss": "kl"
+}  # fmt: skip
 
 
 def product_defaults() -> dict[str, Any]:
@@ -211,7 +213,8 @@ def product_defaults() -> dict[str, Any]:
             "warmup_ratio": s.warmup_ratio,
             "epochs": s.min_epochs,
             "max_epochs": s.max_epochs,
-            "stop_token_accuracy": s.stop_token_accuracy,
+            "stop_learned": s.stop_learned,
+            "replay_loss": DAEMON_REPLAY["loss"],
             "min_steps": s.min_steps,
             "max_steps": s.max_steps,
             "batch_tokens": s.batch_tokens,
@@ -234,7 +237,8 @@ def product_defaults() -> dict[str, Any]:
         "warmup_ratio": t.warmup_ratio,
         "epochs": t.min_epochs,
         "max_epochs": t.max_epochs,
-        "stop_token_accuracy": t.stop_token_accuracy,
+        "stop_learned": t.stop_learned,
+        "replay_loss": r.loss,
         "min_steps": t.min_steps,
         "max_steps": t.max_steps,
         "batch_tokens": t.batch_tokens,
@@ -921,7 +925,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 steps=args.steps,
                 min_epochs=args.epochs,
                 max_epochs=args.max_epochs,
-                stop_token_accuracy=args.stop_token_accuracy,
+                stop_learned=args.stop_learned,
                 min_steps=args.min_steps,
                 max_steps=shipped["max_steps"],
                 max_len=args.max_len,
@@ -930,6 +934,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 ewc_lambda=args.ewc_lambda if use_ewc else 0.0,
                 ewc_decay=args.ewc_decay,
                 ewc_max_share=args.ewc_max_share,
+                replay_loss=args.replay_loss,
                 checkpoint_every=0,
                 attention=args.attention,
             )
@@ -983,7 +988,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             }
             ev["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
             stages.append(ev)
-            taught = result.taught_checks[-1]["token_accuracy"] if result.taught_checks else None
+            taught = result.taught_checks[-1]["exact"] if result.taught_checks else None
             log(
                 f"{arm:<6} after {j + 1}/{len(tasks)} {task.name:<8} {result.steps:>4}/"
                 f"{result.planned_steps} steps ({result.epochs:g} passes, {result.stop}, taught "
@@ -1179,7 +1184,7 @@ def print_table(results: dict[str, Any]) -> None:
             how = (
                 f"{tr['steps']}/{tr.get('planned_steps', '?')} steps, "
                 f"{tr.get('epochs', '?')} passes, {tr.get('stop', '?')}, taught "
-                + (f"{100 * last['token_accuracy']:.1f} %" if last else "-")
+                + (f"{100 * last.get('exact', last['token_accuracy']):.1f} %" if last else "-")
             )
             print(
                 f"  {arm:<11} after {names[j]:<9} {cells}   general {s['general_nll']:.4f}   {how}"
@@ -1375,8 +1380,14 @@ def main() -> None:
     ap.add_argument(
         "--max-epochs", type=float, default=d["max_epochs"], help="at most this many passes"
     )
-    ap.add_argument("--stop-token-accuracy", type=optional_float, default=d["stop_token_accuracy"],
-                    help="stop once this share of the task's answer tokens is the argmax; none: "
+    ap.add_argument(
+        "--replay-loss",
+        choices=("kl", "ce"),
+        default=d["replay_loss"],
+        help="replayed answers fitted by distillation (kl) or to their tokens (ce)",
+    )
+    ap.add_argument("--stop-learned", type=optional_float, default=d["stop_learned"],
+                    help="stop once this share of the task's answers is learned (every token the argmax); none: "
                     "run every pass")  # fmt: skip
     ap.add_argument("--min-steps", type=int, default=d["min_steps"])
     ap.add_argument("--lr", type=float, default=d["lr"])

@@ -231,7 +231,7 @@ def parent_ewc_state(parent_state: Path | None, *, warm_start: bool) -> Path | N
     return path if path.exists() else None
 
 
-def train_settings(cfg: TrainingSettings) -> TrainSettings:
+def train_settings(cfg: TrainingSettings, replay: ReplaySettings | None = None) -> TrainSettings:
     return TrainSettings(
         lora=LoraSettings(
             rank=cfg.rank,
@@ -247,7 +247,7 @@ def train_settings(cfg: TrainingSettings) -> TrainSettings:
         min_steps=cfg.min_steps,
         max_steps=cfg.max_steps,
         max_epochs=cfg.max_epochs,
-        stop_token_accuracy=cfg.stop_token_accuracy,
+        stop_learned=cfg.stop_learned,
         ewc_max_share=cfg.ewc_max_share,
         max_len=cfg.max_len,
         batch_tokens=cfg.batch_tokens,
@@ -256,6 +256,7 @@ def train_settings(cfg: TrainingSettings) -> TrainSettings:
         ewc_decay=cfg.ewc_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gpu_memory_fraction=cfg.gpu_memory_fraction,
+        replay_loss=(replay or ReplaySettings()).loss,
     )
 
 
@@ -500,7 +501,7 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
         base_model=inp.base_model,
         work_dir=work,
         examples=new + mix.examples,
-        settings=train_settings(inp.training),
+        settings=train_settings(inp.training, inp.replay),
         warm_start=warm,
         ewc_state=ewc_state,
         fisher_examples=mix.general_pool,

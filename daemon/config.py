@@ -127,12 +127,12 @@ class TrainingSettings(_Section):
     max_epochs: float = Field(
         12.0, gt=0, description="At most this many passes; the stopping rule ends most runs sooner."
     )
-    stop_token_accuracy: float | None = Field(
-        0.98,
+    stop_learned: float | None = Field(
+        0.9,
         gt=0,
         le=1,
-        description="Stop once this share of the taught answers' tokens is the model's most "
-        "likely next token (checked after each pass); unset: run every pass.",
+        description="Stop once this share of the taught answers is learned, every token the "
+        "model's most likely next (checked after each pass); unset: run every pass.",
     )
     min_steps: int = Field(1, ge=1, description="At least this many optimizer steps.")
     max_steps: int = Field(2000, ge=1, description="At most this many optimizer steps.")
@@ -172,6 +172,11 @@ class TrainingSettings(_Section):
 
 class ReplaySettings(_Section):
     ratio: float = Field(1.0, ge=0, description="Replayed examples per new example.")
+    loss: Literal["kl", "ce"] = Field(
+        "kl",
+        description="How replayed answers are fitted: kl, to the served version's next-token "
+        "distribution along them (distillation); ce, to their tokens.",
+    )
     general_share: float = Field(0.3, ge=0, description="Share of replay from `general_path`.")
     self_share: float = Field(
         0.4, ge=0, description="Share of replay from the served version's own answers."

@@ -75,11 +75,11 @@ class TrainSettings:
     steps: int | None = None  # exact number of optimizer steps (overrides the rest)
     # The budget in passes over the data, and the stopping rule: after each pass from
     # ``min_epochs`` on, the taught examples (the first ``TrainJob.n_taught``) are scored, and
-    # training stops once their answers are learned: teacher-forced, at least
-    # ``stop_token_accuracy`` of their answer tokens are the model's most likely next token.
+    # training stops once their answers are learned: teacher-forced, at least ``stop_learned``
+    # of the taught answers have every token the model's most likely next token.
     min_epochs: float = 2.0
     max_epochs: float = 12.0
-    stop_token_accuracy: float | None = 0.98  # None: run the whole budget
+    stop_learned: float | None = 0.9  # None: run the whole budget
     min_steps: int = 1
     max_steps: int = 2000
     max_len: int = 1024
@@ -183,10 +183,21 @@ def check_steps(total: int, per_epoch: int, s: TrainSettings) -> set[int]:
     """The steps (1-based) after which the stopping rule looks: each pass's end from
     ``min_epochs`` on, and the last step (so the result says how well the taught answers
     were learned). None with an exact ``steps`` or no rule."""
-    if s.steps is not None or s.stop_token_accuracy is None:
+    if s.steps is not None or s.stop_learned is None:
         return set()
     first = min(total, max(1, math.ceil(s.min_epochs * per_epoch), s.min_steps))
     return {k for k in range(first, total + 1) if k % per_epoch == 0 or k in (first, total)}
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How well answers are learned, teacher-forced: the share of their tokens that are the
+    model's most likely next token, the share of answers whose every token is, and the mean
+    NLL per token."""
+
+    token_accuracy: float
+    exact: float
+    nll: float
 
 
 def taught_fit(
@@ -196,17 +207,18 @@ def taught_fit(
     pad_id: int,
     amp: torch.dtype | None,
     batch_rows: int,
-) -> tuple[float, float]:
-    """Teacher-forced token accuracy (the answer token is the most likely next token) and
-    mean NLL per token over the labelled tokens of ``rows``, without dropout or gradients."""
+) -> Fit:
+    """`Fit` of the labelled tokens of ``rows`` (each packed example one answer), without
+    dropout or gradients."""
     was = model.training
     model.eval()
-    right = total = 0
+    right = total = answers = exact = 0
     nll = 0.0
     try:
         with torch.no_grad():
             for k in range(0, len(rows), batch_rows):
-                b = {n: v.to(device) for n, v in collate(rows[k : k + batch_rows], pad_id).items()}
+                chunk = rows[k : k + batch_rows]
+                b = {n: v.to(device) for n, v in collate(chunk, pad_id).items()}
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits = model(
                         input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
@@ -215,12 +227,24 @@ def taught_fit(
                 keep = targets != IGNORE
                 picked = logits[keep].float()
                 wanted = targets[keep]
-                right += int((picked.argmax(-1) == wanted).sum())
+                hit = picked.argmax(-1) == wanted
+                right += int(hit.sum())
                 nll += float(torch.nn.functional.cross_entropy(picked, wanted, reduction="sum"))
                 total += int(keep.sum())
+                # which example each labelled token belongs to (segments are per row)
+                seg = torch.full(targets.shape, -1, dtype=torch.long)
+                for i, r in enumerate(chunk):
+                    seg[i, : len(r) - 1] = torch.tensor(r.segments[1:]) + i * (targets.shape[1] + 1)
+                owner = seg.to(device)[keep]
+                ids, inverse = torch.unique(owner, return_inverse=True)
+                misses = torch.zeros(len(ids), device=device).index_add_(0, inverse, (~hit).float())
+                answers += len(ids)
+                exact += int((misses == 0).sum())
     finally:
         model.train(was)
-    return (right / total, nll / total) if total else (1.0, 0.0)
+    if not total:
+        return Fit(1.0, 1.0, 0.0)
+    return Fit(right / total, exact / answers, nll / total)
 
 
 def lr_lambda(total: int, s: TrainSettings) -> Callable[[int], float]:
@@ -526,13 +550,15 @@ def train(
                 first_loss = task_value
             final_loss = task_value
             if step + 1 in checks:
-                acc, nll = taught_fit(model, taught_rows, device, pad_id, amp, batch_rows)
+                f = taught_fit(model, taught_rows, device, pad_id, amp, batch_rows)
                 fit = {"epoch": round((step + 1) / per_epoch, 2), "step": step + 1,
-                       "token_accuracy": round(acc, 4), "nll": round(nll, 4)}  # fmt: skip
+                       "token_accuracy": round(f.token_accuracy, 4), "exact": round(f.exact, 4),
+                       "nll": round(f.nll, 4)}  # fmt: skip
                 fits.append(fit)
                 record["taught"] = fit
-                log.info("after %s passes: taught answers %.1f%% token accuracy, NLL %.3f",
-                         fit["epoch"], 100 * acc, nll)  # fmt: skip
+                log.info("after %s passes: %.0f%% of the taught answers exact, %.1f%% of their "
+                         "tokens, NLL %.3f", fit["epoch"], 100 * f.exact, 100 * f.token_accuracy,
+                         f.nll)  # fmt: skip
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             if progress:
@@ -542,7 +568,7 @@ def train(
             if (
                 fits
                 and fits[-1]["step"] == step + 1
-                and (fits[-1]["token_accuracy"] >= (s.stop_token_accuracy or 2.0))
+                and (fits[-1]["exact"] >= (s.stop_learned or 2.0))
             ):
                 ran, stop = step + 1, "learned"
                 break

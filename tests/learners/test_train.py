@@ -126,7 +126,7 @@ def test_a_run_lowers_the_loss_and_writes_a_peft_adapter(tiny_model: Path, tmp_p
         # 10 rows, 4 a step: 3 steps a pass; 12 passes at most; looks from pass 2 on
         (10, 4, {}, 36, {6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36}),
         (10, 4, {"steps": 7}, 7, set()),  # exact steps: no stopping rule
-        (10, 4, {"stop_token_accuracy": None}, 36, set()),
+        (10, 4, {"stop_learned": None}, 36, set()),
         (10, 4, {"max_steps": 20}, 20, {6, 9, 12, 15, 18, 20}),
         (1, 4, {"min_steps": 5, "max_epochs": 3}, 5, {5}),
     ],
@@ -144,7 +144,7 @@ def test_training_stops_once_the_taught_answers_are_learned(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     settings = TrainSettings(**{**FAST.__dict__, "min_steps": 1, "learning_rate": 1e-2,
-                                "stop_token_accuracy": 0.7})  # fmt: skip
+                                "stop_learned": 0.7})  # fmt: skip
     r = train(
         TrainJob(base_model=str(tiny_model), work_dir=tmp_path, examples=FACTS,
                  settings=settings, n_taught=len(FACTS))
