@@ -77,6 +77,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "r3-short": {"replay_ratio": 3.0, "self_max_tokens": 96},
     "r3-stop100": {"replay_ratio": 3.0, "stop_learned": 1.0, "max_epochs": 20.0},
     "r3-lr5e-4": {"replay_ratio": 3.0, "learning_rate": 5e-4, "max_epochs": 24.0},
+    "b1024": {"batch_tokens": 1024},
+    "r2-b1024": {"replay_ratio": 2.0, "batch_tokens": 1024},
+    "e20": {"max_epochs": 20.0},
 }
 
 
