@@ -97,9 +97,6 @@ def daemon_env(**extra: str) -> dict[str, str]:
         ADAPTD_REPLAY__SELF_MAX_TOKENS="16",
         ADAPTD_EVALUATION__MAX_TOKENS="24",
         ADAPTD_EVALUATION__BOOTSTRAP_RESAMPLES="500",
-        # a random-weight model's general text moves a lot with any adapter; the gate's
-        # general check is exercised in tests/daemon/test_gate.py
-        ADAPTD_GATE__MAX_GENERAL_REGRESSION="10",
         ADAPTD_GATE__MIN_HOLDOUT="2",
         ADAPTD_GATE__DRAIN_TIMEOUT_S="30",
         # cycles start only when a test asks: a long session must not start one on its own

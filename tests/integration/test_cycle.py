@@ -389,10 +389,19 @@ CODES = ["river", "garden", "market", "library", "mountain", "window", "letter",
 def third(
     second: RunningDaemon, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningDaemon]:
-    """The session daemon on a fresh data directory, with the shipped gate: general ability is
-    checked as users get it (no raised `max_general_regression`)."""
+    """The session daemon on a fresh data directory, with a training budget a random-weight
+    model can learn facts in: its learning rate (1e-2: the shipped 1e-3 is for pretrained
+    models) and up to 100 passes; the stopping rule ends the run once the taught answers are
+    learned. Answers to score are long enough for this tokenizer's words (48 tokens). Replay,
+    EWC and the gate are as shipped."""
     shared = second.data_dir
-    second.extra_env = {"ADAPTD_GATE__MAX_GENERAL_REGRESSION": "0.02"}
+    second.extra_env = {
+        "ADAPTD_TRAINING__LEARNING_RATE": "1e-2",
+        "ADAPTD_TRAINING__MIN_STEPS": "1",
+        "ADAPTD_TRAINING__MAX_STEPS": "300",
+        "ADAPTD_TRAINING__MAX_EPOCHS": "100",
+        "ADAPTD_EVALUATION__MAX_TOKENS": "48",
+    }
     second.stop()
     second.data_dir = tmp_path_factory.mktemp("third") / "data"
     second.start()
@@ -405,14 +414,14 @@ def third(
         second.start()
 
 
-def test_the_gate_judges_a_real_cycle_on_the_content_of_each_correction(
+def test_a_real_cycle_learns_the_content_of_each_correction_and_the_gate_sees_it(
     third: RunningDaemon,
 ) -> None:
-    """Twelve corrections, each with its own fact in the same template. The report counts, per
-    item, whether the served answers carry the fact (the code word alone: the template and the
-    topic are in every prompt), and the gate's decision follows those counts. On the tiny model
-    in 40 steps the candidate learns the template and not the words (seen: "The cod for the
-    md..."), which ROUGE-L would have taken for a gain; the taught check rejects it."""
+    """Twelve corrections, each with its own fact in the same template. The cycle trains until
+    the taught answers are learned; the report counts, per item, whether the served answers
+    carry the fact (the code word alone: the template and the topic are in every prompt), the
+    candidate answers most of them and the base model none, and the gate, as shipped (general
+    ability within 2 %), promotes it on those counts. Then the served model says them."""
     daemon = third
     facts = {f"What is the code word for {t}?": f"The code word for {t} is {w}."
              for t, w in zip(TOPICS, CODES, strict=False)}  # fmt: skip
@@ -430,8 +439,14 @@ def test_the_gate_judges_a_real_cycle_on_the_content_of_each_correction(
     k, n = taught["learned"]["candidate"], taught["n"]
     assert k == sum(i["learned"]["candidate"] for i in items)
     assert f"taught: {k} of {n} corrections answered with their content" in reasons, reasons
-    if k < 0.5 * n:
-        assert "FAIL taught" in reasons and cycle["decision"] == "rejected", reasons
-    else:
-        assert "pass taught" in reasons, reasons
-    assert report["training"]["stop"] in ("learned", "budget")
+    assert report["training"]["stop"] == "learned", report["training"]
+    assert k >= 0.75 * n, (k, n, reasons)
+    assert "pass taught" in reasons and "pass general" in reasons, reasons
+    assert cycle["decision"] == "promoted", reasons
+    with httpx.Client(base_url=daemon.url, headers=inference_headers(), timeout=60) as c:
+        said = [chat(c, i["prompt"], max_tokens=48, temperature=0).json() for i in items]
+    words = [i["content"][0] for i in items]
+    answered = sum(
+        w in s["choices"][0]["message"]["content"] for w, s in zip(words, said, strict=True)
+    )
+    assert answered >= 0.75 * n, said
