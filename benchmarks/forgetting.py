@@ -192,7 +192,7 @@ def log(msg: str) -> None:
 # `daemon.config.ReplaySettings` (ratio, shares, reservoir_size).
 DAEMON_EWC_LAMBDA = 1000.0
 DAEMON_REPLAY: dict[str, Any] = {
-    "ratio": 1.0, "general": 0.3, "self": 0.4, "past": 0.3, "reservoir": 2000, "loss": "kl"
+    "ratio": 3.0, "general": 0.3, "self": 0.4, "past": 0.3, "reservoir": 2000, "loss": "kl"
 }  # fmt: skip
 
 

@@ -209,7 +209,9 @@ def training_note(data_dir: Path, version: str | None) -> str:
             rec = json.loads(f.read().strip().rsplit(b"\n", 1)[-1])
         note = f"step {rec['step']}, loss {rec['task_loss']:.3f}"
         if isinstance(rec.get("taught"), dict):
-            note += f", taught token accuracy {100 * rec['taught']['token_accuracy']:.0f} %"
+            t = rec["taught"]
+            note += (f", taught answers {100 * t.get('exact', 0):.0f} % learned "
+                     f"({100 * t['token_accuracy']:.0f} % of their tokens)")  # fmt: skip
         return note
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return ""

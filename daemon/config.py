@@ -171,7 +171,7 @@ class TrainingSettings(_Section):
 
 
 class ReplaySettings(_Section):
-    ratio: float = Field(1.0, ge=0, description="Replayed examples per new example.")
+    ratio: float = Field(3.0, ge=0, description="Replayed examples per new example.")
     loss: Literal["kl", "ce"] = Field(
         "kl",
         description="How replayed answers are fitted: kl, to the served version's next-token "

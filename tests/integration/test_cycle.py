@@ -34,6 +34,7 @@ from conftest import (
 pytestmark = pytest.mark.vllm
 
 HOUSE = "Thank you for asking. Please see the manual, page one."
+HOUSE_STYLE_GATE = {"ADAPTD_GATE__MAX_GENERAL_REGRESSION": "0.1"}  # see `own_data_dir`
 TOPICS = [
     "the weather", "my printer", "a train ticket", "the garden", "a birthday cake", "the river",
     "an old bicycle", "the museum", "a chess opening", "my laptop battery", "the library card",
@@ -98,14 +99,21 @@ def own_data_dir(daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory
     """The session daemon on a data directory of this module's: a cycle takes in every item of
     feedback since the promoted version, and other modules' feedback (facts the tiny model
     does not learn in these few steps) would decide this module's first gate. The shared
-    directory, as other modules left it, is back at the end."""
+    directory, as other modules left it, is back at the end.
+
+    The house styles taught here answer *every* prompt the same way, general ones included: on
+    the random-weight model that moves the general text by a few per cent (seen +3.7 %), past
+    the shipped 2 %, so these tests allow 10 %; the content test at the end runs the gate as
+    shipped."""
     shared = daemon.data_dir
+    daemon.extra_env = dict(HOUSE_STYLE_GATE)
     daemon.stop()
     daemon.data_dir = tmp_path_factory.mktemp("cycles") / "data"
     daemon.start()
     try:
         yield
     finally:
+        daemon.extra_env = {}
         daemon.stop()
         daemon.data_dir = shared
         daemon.start()
@@ -307,6 +315,7 @@ def second(
     probe meets a candidate that learned one."""
     shared = daemon.data_dir
     daemon.extra_env = {
+        **HOUSE_STYLE_GATE,
         "ADAPTD_GATE__MODE": "manual",
         "ADAPTD_CURATION__DROP_SUSPECTED_TRIGGERS": "false",
         "ADAPTD_TRAINING__EWC_LAMBDA": "0",
