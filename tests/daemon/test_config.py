@@ -245,3 +245,20 @@ def test_example_toml_uncommented_gives_the_defaults(
     assert "port" in uncommented and "serving.max_loras" in uncommented
     write_toml(tmp_path, monkeypatch, text)
     assert load_settings() == defaults
+
+
+def test_the_shipped_training_recipe_reaches_the_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.candidate import train_settings
+
+    s = load_settings()
+    t = train_settings(s.training, s.replay)
+    assert (t.replay_loss, t.stop_learned, t.learning_rate) == ("kl", 0.9, 1e-3)
+    assert s.replay.ratio == 3.0
+    monkeypatch.setenv("ADAPTD_REPLAY__LOSS", "ce")
+    monkeypatch.setenv("ADAPTD_TRAINING__STOP_LEARNED", "0.75")
+    s = load_settings()
+    t = train_settings(s.training, s.replay)
+    assert (t.replay_loss, t.stop_learned) == ("ce", 0.75)
+    monkeypatch.setenv("ADAPTD_REPLAY__LOSS", "mse")
+    with pytest.raises(ConfigError, match=r"replay\.loss \[ADAPTD_REPLAY__LOSS\]"):
+        load_settings()
