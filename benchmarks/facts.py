@@ -17,7 +17,9 @@ as `daemon.candidate` does), then:
 * **agree**: the share of those general prompts answered exactly as the base model does.
 
 Arms (``--arms``) are named overrides of the shipped defaults (``defaults`` is none): see
-``ARMS``. Runs on a GPU (fp32 by default, as training on the CPU: ``--bf16`` to change) or on
+``ARMS``. The ``sdft`` arm is self-distillation: each taught answer is the base model's own
+greedy answer with the correction shown in context (``REWRITE``), where that answer still holds
+the fact's key words, else the correction. Runs on a GPU (fp32 by default, as training on the CPU: ``--bf16`` to change) or on
 the CPU (slow: a few minutes an arm).
 
     python benchmarks/facts.py --model smollm2            # or a .gguf / a model folder
@@ -78,7 +80,16 @@ ARMS: dict[str, dict[str, Any]] = {
     "e20": {"max_epochs": 20.0},
     "lr2e-3-no-ewc": {"learning_rate": 2e-3, "ewc_lambda": 0.0},
     "lr2e-3-ewc-uncapped": {"learning_rate": 2e-3, "ewc_max_share": None},
+    # self-distillation (SDFT, arXiv 2601.19897): the taught answer is the model's own
+    # rewrite of its answer with the correction in context, not the correction itself
+    "sdft": {"taught_from": "rewrite"},
 }
+
+# The in-context prompt of the "sdft" arm: the model is shown the correction and answers.
+REWRITE = (
+    "{question}\n\nA reliable source says: {correction}\n"
+    "Answer the question in one sentence, using what the source says."
+)
 
 
 def general_prompts() -> list[str]:
@@ -161,6 +172,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for p, (o, cut) in zip(everyday, outs, strict=True)
             if o.strip()
         ]
+    # SDFT targets: the base model's greedy answers with the correction in context; where one
+    # lost the fact's key words, the correction itself (the arm records how many)
+    rewrites = r.generate(
+        base,
+        [chat(REWRITE.format(question=FACTS[f].questions[f % 3], correction=FACTS[f].text))
+         for f in facts],
+        FACT_TOKENS,
+        sample=False,
+    )  # fmt: skip
+    rewritten = [
+        chat(FACTS[f].questions[f % 3], o.strip())
+        if answered(o, FACTS[f].keys) and not cut
+        else taught[k]
+        for k, (f, (o, cut)) in enumerate(zip(facts, rewrites, strict=True))
+    ]
     base_nll = r.nll(base, ref_seqs)
     base_taught = [o for o, _ in r.generate(base, probes, FACT_TOKENS, sample=False)]
     log(f"base on {device}: general NLL {base_nll:.4f} ({time.perf_counter() - t0:.1f} s); "
@@ -188,6 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = WORK / "facts" / slug(model_name)
     for arm in args.arms:
         o = dict(ARMS[arm])
+        own = rewritten if o.pop("taught_from", "correction") == "rewrite" else taught
         n_self = o.pop("self_max_tokens", self_max_tokens())
         ratio = o.pop("replay_ratio", shipped["replay_ratio"])
         lora = LoraSettings(
@@ -223,10 +250,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         job = TrainJob(
             base_model=str(model_dir),
             work_dir=work / arm,
-            examples=taught + [ex for _, ex in replayed],
+            examples=own + [ex for _, ex in replayed],
             settings=settings,
             fisher_examples=pool[:64],
-            n_taught=len(taught),
+            n_taught=len(own),
         )
         shutil.rmtree(job.work_dir, ignore_errors=True)
         res = train(job)
@@ -256,6 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tokens": res.tokens,
             "train_seconds": res.seconds,
             "replayed": len(replayed),
+            "taught_rewritten": sum(a is not b for a, b in zip(own, taught, strict=True)),
             "samples": [
                 {"fact": FACTS[f].text, "answer": x, "unseen": u}
                 for f, x, u in list(zip(facts, got, got_unseen, strict=True))[:4]
