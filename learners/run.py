@@ -141,6 +141,7 @@ def write_job(job: TrainJob) -> Path:
         "warm_start": str(job.warm_start) if job.warm_start else None,
         "ewc_state": str(job.ewc_state) if job.ewc_state else None,
         "nan_at_step": job.nan_at_step,
+        "n_taught": job.n_taught,
         "settings": asdict(job.settings),
     }
     (work / "job.json").write_text(json.dumps(spec, indent=2) + "\n")
@@ -161,6 +162,7 @@ def read_job(work: Path) -> TrainJob:
         warm_start=Path(spec["warm_start"]) if spec["warm_start"] else None,
         ewc_state=Path(spec["ewc_state"]) if spec["ewc_state"] else None,
         nan_at_step=spec.get("nan_at_step"),
+        n_taught=int(spec.get("n_taught", 0)),
     )
 
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners.data import IGNORE, Tokenized, pack, tokenize_chat
 from learners.lora import LoraSettings
-from learners.run import TrainingFailed, no_room, run_job, write_job
+from learners.run import TrainingFailed, no_room, read_job, run_job, write_job
 from learners.train import (
     NonFiniteLoss,
     TrainJob,
@@ -369,3 +369,30 @@ def test_a_child_with_no_room_to_write_is_not_restarted(tiny_model: Path, tmp_pa
     with pytest.raises(TrainingFailed, match=r"could not write its files.*File too large") as e:
         run_job(work, on_start=limit)
     assert e.value.kind == "no_room" and len(spawned) == 1
+
+
+def test_a_job_reaches_the_child_whole(tmp_path: Path) -> None:
+    """Every field of a job survives the trip to the training child (a field left out of
+    job.json once turned the stopping rule and replay by distillation off in every cycle)."""
+    from dataclasses import fields
+
+    job = TrainJob(
+        base_model="some/model",
+        work_dir=tmp_path / "w",
+        examples=FACTS[:2],
+        settings=TrainSettings(**{**FAST.__dict__, "replay_loss": "kl", "stop_learned": 0.8}),
+        warm_start=tmp_path / "parent",
+        ewc_state=tmp_path / "parent" / "ewc.safetensors",
+        fisher_examples=FACTS[2:3],
+        nan_at_step=3,
+        n_taught=1,
+    )
+    got = read_job(write_job(job))
+    in_process_only = {"tokenized", "pad_id"}  # benchmarks on random-weight models, never sent
+    for f in fields(TrainJob):
+        if f.name in in_process_only:
+            continue
+        want, have = getattr(job, f.name), getattr(got, f.name)
+        if f.name in ("examples", "fisher_examples"):
+            want, have = [list(map(dict, m)) for m in want], [list(map(dict, m)) for m in have]
+        assert have == want, f.name
