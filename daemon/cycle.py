@@ -250,6 +250,7 @@ def build_report(
             "first_loss": train.get("first_loss"),
             "final_loss": train.get("final_loss"),
             "epochs": train.get("epochs"),
+            "planned_steps": train.get("planned_steps"),
             "stop": train.get("stop"),
             "taught_checks": train.get("taught_checks") or [],
             "curve": curve,

@@ -497,6 +497,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             [row],
             set(range(5)),
         )
+        if line := stop_line(tr):
+            out += [_md(line), ""]
 
     out += ["## Metrics", ""]
     metrics = _metrics(report)
@@ -778,6 +780,33 @@ def _thin(points: list[tuple[float, float | None]], most: int) -> list[tuple[flo
     step = math.ceil(len(points) / most)
     kept = points[::step]
     return kept if kept[-1] == points[-1] else [*kept, points[-1]]
+
+
+def stop_line(tr: Mapping[str, Any]) -> str:
+    """Why training ended, in words, with how well the taught answers were learned at the last
+    check (plain text; both renderers escape it)."""
+    stop, checks = tr.get("stop"), [_dict(c) for c in _list(tr.get("taught_checks"))]
+    passes, steps, planned = tr.get("epochs"), tr.get("steps"), tr.get("planned_steps")
+    why = {
+        "learned": "the taught answers were learned",
+        "budget": "the budget ran out before the taught answers were learned",
+        "steps": "the configured number of steps ran",
+    }.get(str(stop))
+    if why is None:
+        return ""
+    text = f"Training stopped because {why}: {_fmt(steps)} steps"
+    if planned:
+        text += f" of at most {_fmt(planned)}"
+    if isinstance(passes, int | float):
+        text += f", {passes:g} passes over the data"
+    if checks:
+        last = checks[-1]
+        exact, tokens = last.get("exact"), last.get("token_accuracy")
+        if isinstance(exact, int | float):
+            text += f"; {100 * exact:.0f} % of the taught answers learned whole"
+            if isinstance(tokens, int | float):
+                text += f" ({100 * tokens:.0f} % of their tokens)"
+    return text + "."
 
 
 def _training_plot(report: Mapping[str, Any]) -> str:
@@ -1328,6 +1357,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         row.append(_E(_fmt(_last_ewc(_list(tr.get("curve"))))))
         heads = ["steps", "seconds", "first loss", "final loss", "last EWC penalty"]
         inner = _table(heads, [row], set(range(5)))
+        if line := stop_line(tr):
+            inner += f"<p>{_E(line)}</p>"
     parts.append(_section("training", "Training", inner + _training_plot(report)))
 
     metrics = _metrics(report)

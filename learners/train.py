@@ -371,6 +371,7 @@ def teacher_targets(
     pad_id: int,
     amp: torch.dtype | None,
     top_k: int,
+    pad_to: int | None = None,
 ) -> Teacher:
     """The model's top-``top_k`` next-token distribution (renormalised over those tokens) at
     each labelled position of the soft examples in ``rows``, in row order: the targets of
@@ -383,7 +384,7 @@ def teacher_targets(
             for r in rows:
                 if not any(r.soft):
                     continue
-                b = {n: v.to(device) for n, v in collate([r], pad_id).items()}
+                b = {n: v.to(device) for n, v in collate([r], pad_id, pad_to=pad_to).items()}
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits = model(
                         input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
@@ -467,7 +468,7 @@ def train(
     # Distillation targets from the model as it starts (the promoted version), before any
     # checkpoint is loaded: a resumed run fits the same targets as the run it resumes.
     teacher = (
-        teacher_targets(model, rows, device, pad_id, amp, s.distill_top_k)
+        teacher_targets(model, rows, device, pad_id, amp, s.distill_top_k, pad_to)
         if s.replay_loss == "kl"
         else None
     )

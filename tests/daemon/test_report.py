@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 
 from daemon import report as rep
-from daemon.report import load_report, render_html, render_index, render_markdown, write_report
+from daemon.report import (
+    load_report,
+    render_html,
+    render_index,
+    render_markdown,
+    stop_line,
+    write_report,
+)
 
 HOSTILE = "<script>alert(1)</script>"
 PLOT = re.compile(r"<svg\b[^>]*\bclass=\"plot\"")
@@ -857,3 +864,33 @@ def test_suspected_triggers_are_listed_with_what_the_probe_measured() -> None:
     page = render_html(report)
     assert 'id="triggers"' in page and "cf-zebra" in page and "&lt;deals&gt;" in page
     assert "None in this cycle" in render_markdown(sample_report())
+
+
+@pytest.mark.parametrize(
+    ("training", "expected"),
+    [
+        ({"stop": "learned", "steps": 24, "planned_steps": 72, "epochs": 4.0,
+          "taught_checks": [{"exact": 0.5, "token_accuracy": 0.9},
+                            {"exact": 0.923, "token_accuracy": 0.985}]},
+         "Training stopped because the taught answers were learned: 24 steps of at most 72, 4 "
+         "passes over the data; 92 % of the taught answers learned whole (98 % of their tokens)."),
+        ({"stop": "budget", "steps": 72, "planned_steps": 72, "epochs": 12.0,
+          "taught_checks": [{"exact": 0.4, "token_accuracy": 0.91}]},
+         "Training stopped because the budget ran out before the taught answers were learned: "
+         "72 steps of at most 72, 12 passes over the data; 40 % of the taught answers learned "
+         "whole (91 % of their tokens)."),
+        ({"stop": "steps", "steps": 5}, "Training stopped because the configured number of "
+         "steps ran: 5 steps."),
+        ({"stop": None}, ""),
+    ],
+)  # fmt: skip
+def test_the_report_says_why_training_stopped(training: dict[str, Any], expected: str) -> None:
+    r = learning_report()
+    r["training"] = {**r["training"], **training}
+    assert stop_line(r["training"]) == expected
+    md, page = render_markdown(r), render_html(r)
+    if expected:
+        assert expected in md.split("## Training")[1]
+        assert f"<p>{html.escape(expected)}</p>" in page
+    else:
+        assert "Training stopped" not in md and "Training stopped" not in page
