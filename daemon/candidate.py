@@ -30,7 +30,9 @@ from typing import Any
 from daemon.config import CurationConfig, ReplaySettings, TrainingSettings
 from feedback.curate import CurationResult, CurationSettings, Example, curate
 from feedback.store import Feedback, Interaction, Store
+from learners import metrics as M
 from learners import replay as replay_lib
+from learners.data import Messages
 from learners.lora import LoraSettings
 from learners.run import ChildOutcome, TrainingFailed, run_job, write_job
 from learners.train import TrainJob, TrainSettings
@@ -256,7 +258,7 @@ def train_settings(cfg: TrainingSettings, replay: ReplaySettings | None = None) 
         ewc_decay=cfg.ewc_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gpu_memory_fraction=cfg.gpu_memory_fraction,
-        replay_loss=(replay or ReplaySettings()).loss,
+        replay_loss=(replay or ReplaySettings.model_validate({})).loss,
     )
 
 
@@ -417,6 +419,42 @@ def _example_dict(e: Example) -> dict[str, Any]:
     }
 
 
+# Self-distillation (SDFT): the served version is shown the correction and answers again.
+REWRITE_PROMPT = (
+    "{question}\n\nA reliable source says: {correction}\n"
+    "Answer the question using what the source says."
+)
+
+
+async def rewrite_targets(
+    examples: Sequence[Messages], served: Sequence[str], rewrite: Generate
+) -> tuple[list[Messages], int]:
+    """The taught examples with each correction replaced by the served version's rewrite of
+    its answer, the correction in context (``REWRITE_PROMPT``), where the rewrite is complete
+    and keeps every content word of the correction (the words neither the question nor the
+    served answer had); elsewhere, and for corrections without content (a style), the
+    correction itself. Returns the examples and how many were rewritten."""
+    out: list[Messages] = []
+    done = 0
+    for msgs, was in zip(examples, served, strict=True):
+        question, correction = str(msgs[-2].get("content", "")), str(msgs[-1]["content"])
+        content = M.content_words(correction, prompt=question, served=was)
+        if not content or msgs[-2].get("role") != "user":
+            out.append(msgs)
+            continue
+        ask = [dict(m) for m in msgs[:-2]] + [
+            {"role": "user",
+             "content": REWRITE_PROMPT.format(question=question, correction=correction)}
+        ]  # fmt: skip
+        text, cut = await rewrite(ask)
+        if text.strip() and not cut and M.content_recall(text, content) == 1.0:
+            out.append([*msgs[:-1], {"role": "assistant", "content": text.strip()}])
+            done += 1
+        else:
+            out.append(msgs)
+    return out, done
+
+
 def carried_holdout(parent_state: Path | None, exclude: set[str]) -> list[dict[str, Any]]:
     """The promoted version's held-out examples, to be trained on in this cycle.
 
@@ -450,6 +488,8 @@ class CandidateInputs:
     curation: CurationConfig
     on_stage: Callable[[str, str], Awaitable[None]] | None = None  # (stage, version)
     self_replay_from: str = "base"  # the model `generate` asks, for the manifest
+    # Greedy answers of the served version, for `training.targets = "rewrites"`.
+    rewrite: Generate | None = None
     version: str | None = None
     min_examples: int = 1
     nan_at_step: int | None = None
@@ -480,6 +520,10 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
             f"{inp.min_examples}); dropped: {cur.report.dropped or 'none'}"
         )
     new = [e.messages for e in cur.train] + [c["messages"] for c in carried]
+    rewritten = 0
+    if inp.training.targets == "rewrites" and inp.rewrite is not None:
+        served = [e.served for e in cur.train] + [str(c.get("served", "")) for c in carried]
+        new, rewritten = await rewrite_targets(new, served, inp.rewrite)
     mix = await build_replay(
         inp.store, inp.replay, len(new), parent_state, new, inp.generate, inp.training.seed
     )
@@ -544,6 +588,8 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
             "replay": mix.counts,
             "self_replay_from": inp.self_replay_from,
             "train_examples": len(new),
+            # taught as the served version's own rewrite (training.targets = "rewrites")
+            "rewritten_examples": rewritten,
             "carried_examples": len(carried),  # held out by the parent, trained now
             "carried_from": inp.promoted if carried else None,
             "holdout_examples": len(cur.holdout),

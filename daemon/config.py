@@ -147,6 +147,12 @@ class TrainingSettings(_Section):
     warm_start: bool = Field(
         True, description="Continue from the promoted adapter (else a fresh one)."
     )
+    targets: Literal["corrections", "rewrites"] = Field(
+        "corrections",
+        description="What the taught answers are: the corrections as users wrote them, or "
+        "rewrites (self-distillation): the served version's own answer with the correction "
+        "shown in context, where it keeps every content word of the correction.",
+    )
     ewc_lambda: float = Field(
         1000.0, ge=0, description="EWC strength over a max-normalised Fisher; 0 turns EWC off."
     )

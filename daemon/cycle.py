@@ -267,14 +267,17 @@ def build_report(
     }
 
 
-def self_replay_generator(engine: VllmEngine, served: str, max_tokens: int) -> Generate:
-    """Self-replay answers, sampled (temperature 1) from the served version: the model the
-    candidate is to replace. The base model while none is promoted, or if the served version
-    left vLLM meanwhile (a rollback during the cycle)."""
+def served_generator(
+    engine: VllmEngine, served: str, max_tokens: int, temperature: float
+) -> Generate:
+    """Answers of the served version, the model the candidate is to replace (the base model
+    while none is promoted, or if the served version left vLLM meanwhile: a rollback during
+    the cycle): sampled at temperature 1 for self-replay, greedy for the rewrites of
+    self-distillation (`training.targets = "rewrites"`)."""
 
     async def generate(chat: list[dict[str, str]]) -> tuple[str, bool]:
         model = served if served in engine.loaded_adapters else BASE_NAME
-        g = await engine.generate(chat, model=model, max_tokens=max_tokens, temperature=1.0)
+        g = await engine.generate(chat, model=model, max_tokens=max_tokens, temperature=temperature)
         return g.text, g.finish_reason == "length"
 
     return generate
@@ -289,7 +292,7 @@ async def run_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "scheduler") 
         cycle = await save(deps, cycle, state=stage, version=version)
 
     served = deps.promoter.promoted or BASE_NAME
-    generate = self_replay_generator(deps.engine, served, deps.settings.replay.self_max_tokens)
+    generate = served_generator(deps.engine, served, deps.settings.replay.self_max_tokens, 1.0)
 
     try:
         cand = await build_candidate(
@@ -300,6 +303,9 @@ async def run_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "scheduler") 
                 promoted=deps.promoter.promoted,
                 generate=generate,
                 self_replay_from=served,
+                rewrite=served_generator(
+                    deps.engine, served, deps.settings.evaluation.max_tokens, 0.0
+                ),
                 training=deps.settings.training,
                 replay=deps.settings.replay,
                 curation=deps.settings.curation,

@@ -14,7 +14,7 @@ from tinymodel import make_random_adapter
 
 from daemon.candidate import Candidate, staging_dir
 from daemon.config import load_settings
-from daemon.cycle import CycleDeps, judge, new_cycle, self_replay_generator
+from daemon.cycle import CycleDeps, judge, new_cycle, served_generator
 from daemon.promotion import Promoter
 from feedback.store import Store
 from feedback.writer import Writer
@@ -108,11 +108,12 @@ class Answers:
         ("v-0002", {"v-0001"}, "base"),  # rolled back during the cycle: it left vLLM
     ],
 )
-def test_self_replay_is_sampled_from_the_served_version(
-    served: str, loaded: set[str], asked: str
+@pytest.mark.parametrize("temperature", [1.0, 0.0])  # self-replay; rewrites
+def test_replay_and_rewrites_come_from_the_served_version(
+    served: str, loaded: set[str], asked: str, temperature: float
 ) -> None:
     engine = Answers(loaded)
-    generate = self_replay_generator(engine, served, 16)  # type: ignore[arg-type]
+    generate = served_generator(engine, served, 16, temperature)  # type: ignore[arg-type]
     text, cut = asyncio.run(generate([{"role": "user", "content": "Hi"}]))
     assert text == f"from {asked}" and cut is (asked == "base")
-    assert engine.asked == [(asked, 1.0, 16)]
+    assert engine.asked == [(asked, temperature, 16)]
