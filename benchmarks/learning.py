@@ -491,6 +491,7 @@ def main() -> None:
     half = (n_facts + 1) // 2
     facts1, facts2 = list(range(half)), list(range(half, n_facts))
 
+    commit = git_commit()  # the code the daemon starts with, not whatever is there at the end
     data_dir = prepare_data_dir(args.data_dir)
     out = Path(args.out) if args.out else (
         data_dir / "learning_quick.json" if args.quick
@@ -526,7 +527,7 @@ def main() -> None:
     results = {
         "benchmark": "learning",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": commit,
         "machine": machine(),
         "model": model_name,
         "quick": args.quick,
