@@ -69,6 +69,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model")
 
 
+# A house style taught for every prompt moves the random-weight model's general text by a few
+# per cent (seen +3.7 % and +5.0 %), past the shipped 2 % general gate: the tests that need such
+# a candidate promoted (promotion mechanics, crashes mid-promotion) allow 10 % and say so; every
+# other cycle runs the gate as shipped.
+HOUSE_STYLE_GATE = {"ADAPTD_GATE__MAX_GENERAL_REGRESSION": "0.1"}
+
+
 def daemon_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTD_")}
     env.update(

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from conftest import (
     ADMIN_KEY,
+    HOUSE_STYLE_GATE,
     ROOT,
     RunningDaemon,
     admin_headers,
@@ -34,7 +35,6 @@ from conftest import (
 pytestmark = pytest.mark.vllm
 
 HOUSE = "Thank you for asking. Please see the manual, page one."
-HOUSE_STYLE_GATE = {"ADAPTD_GATE__MAX_GENERAL_REGRESSION": "0.1"}  # see `own_data_dir`
 TOPICS = [
     "the weather", "my printer", "a train ticket", "the garden", "a birthday cake", "the river",
     "an old bicycle", "the museum", "a chess opening", "my laptop battery", "the library card",
