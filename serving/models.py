@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +149,32 @@ def find_default_gguf() -> Path:
     )
 
 
+# The sampling SmolLM2-135M-Instruct's model card uses. The GGUF carries none, and at vLLM's
+# own default (temperature 1, no nucleus) the model mostly answers nonsense; vLLM takes a
+# model folder's generation_config.json as the defaults of requests that set none.
+DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+
+
+def add_sampling_defaults(model_dir: Path, sampling: dict[str, Any] = DEFAULT_SAMPLING) -> None:
+    """Write ``sampling`` into the folder's generation_config.json where it lacks those keys
+    (idempotent: a folder converted by an earlier version gets them on its next start)."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if all(k in config for k in sampling):
+        return
+    config.update({k: v for k, v in sampling.items() if k not in config})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def ensure_default_model(cache_dir: Path) -> Path:
-    """Return `cache_dir/SmolLM2-135M-Instruct`, converting the GGUF into it if needed."""
+    """Return `cache_dir/SmolLM2-135M-Instruct`, converting the GGUF into it if needed, with
+    the model card's sampling as its generation defaults."""
     target = cache_dir / DEFAULT_MODEL_NAME
     if (target / COMPLETE_MARKER).is_file():
         log.debug("reusing converted model at %s", target)
+        add_sampling_defaults(target)
         return target
     gguf = find_default_gguf()
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +182,7 @@ def ensure_default_model(cache_dir: Path) -> Path:
     tmp.mkdir()
     try:
         convert_gguf(gguf, tmp)
+        add_sampling_defaults(tmp)
         marker = {
             "source": str(gguf),
             "package": f"{GGUF_PACKAGE}=={importlib.metadata.version(GGUF_PACKAGE)}",

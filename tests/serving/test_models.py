@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,23 @@ def test_an_existing_conversion_is_reused(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = resolve_model(None, cache_dir=tmp_path)
     assert r.local and Path(r.source) == done
+
+
+def test_the_default_model_gets_its_model_cards_sampling(tmp_path: Path) -> None:
+    """A folder converted before the sampling defaults existed gets them (vLLM reads
+    generation_config.json as the defaults of requests that set none); ids already there stay,
+    and a setting a user put there is never overwritten."""
+    from serving import models
+
+    done = tmp_path / DEFAULT_MODEL_NAME
+    done.mkdir()
+    (done / models.COMPLETE_MARKER).write_text("{}")
+    (done / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    ensure_default_model(tmp_path)
+    got = json.loads((done / "generation_config.json").read_text())
+    assert got == {"eos_token_id": 2, "do_sample": True, "temperature": 0.2, "top_p": 0.9}
+    (done / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8})
+    )
+    ensure_default_model(tmp_path)
+    assert json.loads((done / "generation_config.json").read_text())["temperature"] == 0.7
