@@ -16,9 +16,10 @@ import html
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, replace
 from functools import partial
@@ -66,6 +67,7 @@ from serving.gateway import (
     NotReady,
     Target,
 )
+from serving.memory import read_shape, served_context
 from serving.models import ModelError, resolve_model
 
 log = logging.getLogger(__name__)
@@ -126,11 +128,32 @@ def _body(**props: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
 
 
+def fit_to_model(settings: Settings, model_source: str) -> Settings:
+    """``serving.max_model_len`` capped at the model's own context length, and
+    ``training.max_len`` at what is served; each change is logged."""
+    shape = read_shape(model_source, settings.serving.dtype)
+    served, why = served_context(settings.serving.max_model_len, shape)
+    if why:
+        log.info("%s", why)
+    training = settings.training
+    if served is not None and training.max_len > served:
+        log.info(
+            "training.max_len %d -> %d: no longer than what is served", training.max_len, served
+        )
+        training = training.model_copy(update={"max_len": served})
+    serving = settings.serving.model_copy(update={"max_model_len": served})
+    return settings.model_copy(update={"serving": serving, "training": training})
+
+
 class Daemon:
     """Wires the components together; `app` is the ASGI application."""
 
     def __init__(self, settings: Settings, *, model_source: str | None) -> None:
+        if model_source is not None and not settings.serving.vllm_url:
+            settings = fit_to_model(settings, model_source)
         self.settings = settings
+        self.on_fatal: Callable[[str], None] | None = None  # set by `run`: stop serving
+        self.start_error: str | None = None  # why vLLM could not start, if it could not
         self.started = time.time()
         self.adapters_dir = settings.data_dir / "adapters"
         self.store = Store(settings.db_path)
@@ -152,6 +175,7 @@ class Daemon:
                     max_model_len=s.max_model_len,
                     dtype=s.dtype,
                     gpu_memory_utilization=s.gpu_memory_utilization,
+                    kv_cache_gib=s.kv_cache_gib,
                     tensor_parallel_size=s.tensor_parallel_size,
                     data_parallel_size=s.data_parallel_size,
                     max_loras=s.max_loras,
@@ -439,7 +463,11 @@ class Daemon:
         try:
             await self.engine.start()
         except EngineError as e:
-            log.error("vLLM did not start: %s", e)
+            # A first start that fails is not retried: the daemon stops with the reason.
+            self.start_error = str(e)
+            log.error("%s", e)
+            if self.on_fatal is not None:
+                self.on_fatal(self.start_error)
             return
         # the alias was reconciled before vLLM turned ready (engine.on_healthy)
         for cycle in self._to_resume:
@@ -506,7 +534,8 @@ class Daemon:
 
     async def readiness(self) -> tuple[bool, str]:
         if not self.engine.ready:
-            return False, "the model server is starting or restarting"
+            why = self.engine.last_error
+            return False, "the model server is starting or restarting" + (f": {why}" if why else "")
         return True, "serving"
 
     def _live_numbers(self) -> dict[str, float]:
@@ -531,6 +560,8 @@ class Daemon:
                 "managed": self.engine.managed,
                 "pid": self.engine.pid,
                 "restarts": self.engine.restarts,
+                "last_error": self.engine.last_error,
+                "kv_cache_bytes": self.engine.kv_cache_bytes,
                 "adapters_loaded": sorted(self.engine.loaded_adapters),
             },
             "feedback": {
@@ -821,10 +852,21 @@ def run(settings: Settings) -> None:
             daemon.on_stop_signal()
             super().handle_exit(sig, frame)
 
+    server = Server(config)
+
+    def fatal(reason: str) -> None:  # vLLM could not start: stop serving, exit non-zero
+        server.should_exit = True
+
+    daemon.on_fatal = fatal
     try:
-        Server(config).run()
+        server.run()
     except SystemExit as e:
-        if e.code == 0:
+        if e.code == 0 and daemon.start_error is None:
             log.info("adaptd stopped")
-        raise
+            raise
+        if daemon.start_error is None:
+            raise
+    if daemon.start_error is not None:
+        print(f"adaptd: {daemon.start_error}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
     log.info("adaptd stopped")

@@ -73,7 +73,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         ["base model", st["base_model"]],
         [
             "engine",
-            f"{'ready' if eng['ready'] else 'NOT READY'} (pid {eng['pid']}, restarts {eng['restarts']})",
+            f"{'ready' if eng['ready'] else 'NOT READY'} (pid {eng['pid']}, restarts {eng['restarts']})"
+            + (f": {eng['last_error']}" if eng.get("last_error") else ""),
         ],
         ["interactions", str(st["interactions"])],
         [

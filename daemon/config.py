@@ -45,13 +45,28 @@ class ServingSettings(_Section):
         None, description="Use an already running vLLM server at this URL instead of starting one."
     )
     vllm_api_key: str | None = Field(None, description="API key of the external vLLM server.")
-    max_model_len: int | None = Field(2048, ge=16, description="vLLM --max-model-len.")
+    max_model_len: int | None = Field(
+        2048,
+        ge=16,
+        description="vLLM --max-model-len; capped at the model's own context length.",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32", "half", "float"] = "auto"
     gpu_memory_utilization: float | None = Field(
         None,
         gt=0,
         le=1,
-        description="vLLM's share of GPU memory (of RAM on the CPU); default 0.9 on a GPU, 0.12 on the CPU.",
+        description=(
+            "vLLM's share of GPU memory; default 0.9 on a GPU. On the CPU, set it only to use "
+            "vLLM's own share of NUMA node 0 instead of serving.kv_cache_gib's amount."
+        ),
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "CPU: vLLM's KV cache in GiB. Default: sized at start from the model (16 sequences "
+            "of max_model_len) and the memory available (at most a quarter of it, 4 GiB)."
+        ),
     )
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)

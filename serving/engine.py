@@ -5,10 +5,13 @@ This is the one module that knows vLLM's command line and control endpoints
 listens on a private loopback port, protected by a random API key that only the
 daemon knows; the gateway is the only thing in front of it.
 
-Lifecycle: `start()` launches the server under `serving._reaper` (so no vLLM
-process outlives the daemon, even after SIGKILL) and waits until it is healthy,
-logging progress. A supervisor task restarts it with exponential back-off if it
-dies; meanwhile `ready` is False. Adapters that were loaded are loaded again
+Lifecycle: `start()` sizes vLLM's memory (`serving.memory`: on the CPU the KV cache is an
+amount, refused before vLLM starts if it cannot fit), launches the server under
+`serving._reaper` (so no vLLM process outlives the daemon, even after SIGKILL) and waits until
+it is healthy, logging progress. If vLLM exits before it was ever healthy, `start()` raises
+`EngineStartError` at once with the cause and the setting to change (`serving.startup`): a
+first start is not retried. Once it has been healthy, a supervisor task restarts it with
+exponential back-off if it dies; meanwhile `ready` is False and `last_error` says why. Adapters that were loaded are loaded again
 after a restart, each first passed to the owner's `recheck` (raise to leave it out: its files
 may have changed since); then the owner's `on_healthy` runs, and only then does `ready` turn
 true, so no request reaches a server whose adapters are not settled yet.
@@ -24,12 +27,22 @@ import secrets
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from serving.memory import (
+    MemoryFitError,
+    kv_space_from_env,
+    plan_kv_cache,
+    read_memory,
+    read_shape,
+)
+from serving.startup import diagnose
 
 log = logging.getLogger(__name__)
 vllm_log = logging.getLogger("adaptd.vllm")
@@ -41,6 +54,11 @@ class EngineError(Exception):
     status = 503
     type = "server_error"
     code = "engine_unavailable"
+
+
+class EngineStartError(EngineError):
+    """vLLM could not start (or would not fit): the message is one line with the cause and the
+    setting to change."""
 
 
 class AdapterLoadError(EngineError):
@@ -63,7 +81,8 @@ class EngineSettings:
     model: str
     max_model_len: int | None = 2048
     dtype: str = "auto"
-    gpu_memory_utilization: float | None = None  # None: 0.9 on a GPU, 0.12 on the CPU
+    gpu_memory_utilization: float | None = None  # None: 0.9 on a GPU; on the CPU, see kv_cache_gib
+    kv_cache_gib: float | None = None  # CPU: the KV cache's size (None: from the model and memory)
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     max_loras: int = 4
@@ -86,10 +105,16 @@ def _has_cuda() -> bool:
     return Path("/dev/nvidia0").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
-def vllm_command(settings: EngineSettings, *, port: int, api_key: str) -> list[str]:
-    util = settings.gpu_memory_utilization
-    if util is None:
-        util = 0.9 if _has_cuda() else 0.12
+def vllm_command(
+    settings: EngineSettings, *, port: int, api_key: str, kv_cache_bytes: int | None = None
+) -> list[str]:
+    """vLLM's command line; ``kv_cache_bytes`` (the CPU's planned KV cache) replaces the memory
+    share."""
+    if kv_cache_bytes is not None:
+        memory = ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
+    else:
+        util = settings.gpu_memory_utilization
+        memory = ["--gpu-memory-utilization", str(0.9 if util is None else util)]
     cmd = [
         sys.executable,
         "-m",
@@ -111,8 +136,7 @@ def vllm_command(settings: EngineSettings, *, port: int, api_key: str) -> list[s
         str(settings.max_lora_rank),
         "--dtype",
         settings.dtype,
-        "--gpu-memory-utilization",
-        str(util),
+        *memory,
         "--tensor-parallel-size",
         str(settings.tensor_parallel_size),
         "--disable-uvicorn-access-log",
@@ -143,7 +167,10 @@ class VllmEngine:
         self.api_key = api_key if url else secrets.token_hex(24)
         self.ready = False
         self.restarts = 0
+        self.last_error: str | None = None  # why the last start or restart failed, until healthy
         self.started_at: float | None = None
+        self.kv_cache_bytes: int | None = None  # the CPU's KV cache, as planned at start
+        self._tail: deque[str] = deque(maxlen=200)  # vLLM's last lines, for a failed start
         self._proc: asyncio.subprocess.Process | None = None
         self._adapters: dict[str, str] = {}
         self._stopping = False
@@ -177,14 +204,63 @@ class VllmEngine:
         return dict(self._adapters)
 
     async def start(self) -> None:
-        """Start (or attach to) the server and wait until it answers `/health`."""
+        """Start (or attach to) the server and wait until it answers `/health`.
+
+        Managed: `EngineStartError` if the memory plan cannot fit, or if vLLM exits (or never
+        turns healthy) before its first `/health`, with `serving.startup`'s diagnosis."""
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
-        if self.managed:
-            await self._spawn()
-            self._tasks.append(asyncio.create_task(self._supervise(), name="vllm-supervisor"))
-        await self._wait_healthy()
         if not self.managed:
+            await self._wait_healthy()
             self._tasks.append(asyncio.create_task(self._watch_external(), name="vllm-watch"))
+            return
+        try:
+            self.kv_cache_bytes = self._plan_memory()
+        except MemoryFitError as e:
+            self.last_error = f"the KV cache does not fit: {e}"
+            raise EngineStartError(self.last_error) from e
+        await self._spawn()
+        try:
+            await self._wait_healthy()
+        except EngineError as e:
+            self.last_error = await self._start_failure(e)
+            raise EngineStartError(self.last_error) from e
+        self._tasks.append(asyncio.create_task(self._supervise(), name="vllm-supervisor"))
+
+    def _plan_memory(self) -> int | None:
+        """The KV cache's size in bytes on the CPU (None on a GPU, where the share applies,
+        when ``gpu_memory_utilization`` is set, or when ``VLLM_CPU_KVCACHE_SPACE`` is)."""
+        s = self.settings
+        assert s is not None
+        if _has_cuda() or s.gpu_memory_utilization is not None:
+            return None
+        if kv_space_from_env():
+            log.info(
+                "KV cache: VLLM_CPU_KVCACHE_SPACE=%s GiB (vLLM's own setting)", kv_space_from_env()
+            )
+            return None
+        shape = read_shape(s.model, s.dtype)
+        plan = plan_kv_cache(shape, s.max_model_len or (shape and shape.context) or 2048,
+                             read_memory(), s.kv_cache_gib)  # fmt: skip
+        log.info("%s", plan.reason)
+        return plan.bytes
+
+    async def _start_failure(self, error: EngineError) -> str:
+        """One line on why the first start failed; vLLM is stopped if it still runs."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:  # it never turned healthy: stop it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+        for t in self._tasks:  # let the output pump read vLLM's last lines
+            if t.get_name() == "vllm-output":
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(t), 5)
+        if proc is not None and proc.returncode is not None and not self._tail:
+            return f"{error}; vLLM printed nothing"
+        found = diagnose(self._tail, gpu=_has_cuda())
+        if found.kind == "unknown" and "within" in str(error):
+            return f"{error}; vLLM's last words: {found.detail}"
+        return found.line()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -292,7 +368,12 @@ class VllmEngine:
 
     async def _spawn(self) -> None:
         assert self.settings is not None
-        cmd = vllm_command(self.settings, port=self.port, api_key=self.api_key or "")
+        cmd = vllm_command(
+            self.settings,
+            port=self.port,
+            api_key=self.api_key or "",
+            kv_cache_bytes=self.kv_cache_bytes,
+        )
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.settings.env}
         if self.settings.hub_offline:
             env.setdefault("HF_HUB_OFFLINE", "1")
@@ -320,6 +401,7 @@ class VllmEngine:
             start_new_session=True,
         )
         self.started_at = time.monotonic()
+        self._tail.clear()
         self._tasks.append(asyncio.create_task(self._pump_output(self._proc), name="vllm-output"))
 
     async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
@@ -327,6 +409,7 @@ class VllmEngine:
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             if line:
+                self._tail.append(line)
                 vllm_log.info("%s", line)
 
     async def _wait_healthy(self, *, restarted: bool = False) -> None:
@@ -348,6 +431,7 @@ class VllmEngine:
                 next_note = now + 5
             await asyncio.sleep(0.25)
         log.info("vLLM ready in %.1f s", time.monotonic() - t0)
+        self.last_error = None
         # Re-load the adapters a restarted server has forgotten, if they still pass the check.
         adapters, self._adapters = self._adapters, {}
         for name, path in adapters.items():
@@ -376,6 +460,7 @@ class VllmEngine:
             ran = time.monotonic() - (self.started_at or 0)
             if ran > 120:
                 backoff = 1.0
+            self.last_error = f"vLLM exited with status {code}; restarting"
             log.error("vLLM exited with status %s; restarting in %.0f s", code, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 60.0)
@@ -383,7 +468,9 @@ class VllmEngine:
                 await self._spawn()
                 await self._wait_healthy(restarted=True)
             except EngineError as e:
-                log.error("vLLM restart failed: %s", e)
+                found = diagnose(self._tail, gpu=_has_cuda())
+                self.last_error = f"restart failed: {e}: {found.line()}"
+                log.error("vLLM %s", self.last_error)
 
     async def _watch_external(self) -> None:
         while not self._stopping:

@@ -262,3 +262,25 @@ def test_the_shipped_training_recipe_reaches_the_trainer(monkeypatch: pytest.Mon
     monkeypatch.setenv("ADAPTD_REPLAY__LOSS", "mse")
     with pytest.raises(ConfigError, match=r"replay\.loss \[ADAPTD_REPLAY__LOSS\]"):
         load_settings()
+
+
+def test_the_served_context_and_training_length_follow_a_short_context_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from daemon.app import fit_to_model
+
+    for k in [k for k in os.environ if k.startswith("ADAPTD_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("ADAPTD_CONFIG", str(tmp_path / "none.toml"))
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 128}
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    s = load_settings()
+    assert (s.serving.max_model_len, s.training.max_len) == (2048, 1024)  # the shipped values
+    fitted = fit_to_model(s, str(model))
+    assert (fitted.serving.max_model_len, fitted.training.max_len) == (512, 512)
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    assert fit_to_model(s, str(model)) == s  # a longer context changes nothing
