@@ -233,10 +233,9 @@ class VllmEngine:
         assert s is not None
         if _has_cuda() or s.gpu_memory_utilization is not None:
             return None
-        if kv_space_from_env():
-            log.info(
-                "KV cache: VLLM_CPU_KVCACHE_SPACE=%s GiB (vLLM's own setting)", kv_space_from_env()
-            )
+        env_gib = kv_space_from_env()
+        if env_gib:
+            log.info("KV cache: VLLM_CPU_KVCACHE_SPACE=%s GiB (vLLM's own setting)", env_gib)
             return None
         shape = read_shape(s.model, s.dtype)
         plan = plan_kv_cache(shape, s.max_model_len or (shape and shape.context) or 2048,
