@@ -343,15 +343,15 @@ def test_replay_and_ewc_drift_less_from_the_base_on_held_out_prompts(
     replayed = drift(FACTS + replay, 0.0, "replay")
     # EWC as shipped: its gradient capped at half the task gradient's length
     protected = drift(FACTS + replay, 1000.0, "protected")
-    # replay by distillation (the shipped replay.loss): the replayed answers fitted to the
-    # starting model's distribution along them rather than to their sampled tokens
-    distilled = drift(FACTS + replay, 1000.0, "distilled", loss="kl")
     assert plain > 0.01  # the plain run really moved the model (else the comparison is empty)
-    print(f"drift: plain {plain:.4f}, replay {replayed:.4f}, EWC {protected:.4f}, KL {distilled:.4f}")
-    # deterministic on the CPU (seeded): measured 0.059, 0.054, 0.053
+    # deterministic on the CPU (seeded): measured 0.0594, 0.0543, 0.0533
     assert replayed < plain * 0.97, (plain, replayed)
     assert protected < replayed, (replayed, protected)
-    assert distilled < protected * 0.97, (protected, distilled)
+    # Replay by distillation (the shipped replay.loss) is not compared here: on this random
+    # model every next-token distribution is near uniform, so its top 32 hold a few percent of
+    # the mass and the drift says nothing of a trained model's. Its fit is tested above
+    # (`distill_sum`) and its effect measured on SmolLM2 (docs/benchmarks.md, "Distillation's
+    # tail").
 
 
 @pytest.mark.parametrize(
