@@ -44,6 +44,9 @@ TOPICS = [
 ]  # fmt: skip
 
 
+HANG_UP_TOKENS = 1900
+
+
 @pytest.fixture(scope="module")
 def faulty(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
     base = tmp_path_factory.mktemp("faults")
@@ -55,8 +58,11 @@ def faulty(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "ADAPTD_TRAINING__STEPS": "4",
             "ADAPTD_TRAINING__EWC_LAMBDA": "0",
             # long answers for the hang-up: the shared daemon's 64 tokens take the tiny model
-            # a few hundred ms, which a busy machine can spend before the gateway runs again
-            "ADAPTD_LIMITS__MAX_TOKENS": "448",
+            # a few hundred ms, which a busy machine can spend before the gateway runs again;
+            # 448 were once all made before it did (CI, 2 busy cores). The tiny model's whole
+            # context (2048) served, for nearly as many as it leaves room for beside the prompt.
+            "ADAPTD_LIMITS__MAX_TOKENS": str(HANG_UP_TOKENS),
+            "ADAPTD_SERVING__MAX_MODEL_LEN": "2048",
         },
     )  # fmt: skip
     d.start()
@@ -121,11 +127,11 @@ def test_a_client_hanging_up_mid_stream_is_logged_aborted_and_vllm_stops(
 ) -> None:
     """The client hangs up at its first event, or at 0.5 s if none has come by then (on a busy
     machine the tiny model's vLLM can leave its frontend unscheduled while it makes the whole
-    answer). 448 tokens (ignore_eos, a vLLM sampling parameter, passed through) take the tiny
-    model seconds, so the answer is unfinished either way."""
+    answer). 1,900 tokens (ignore_eos, a vLLM sampling parameter, passed through) take the tiny
+    model about ten seconds, so the answer is unfinished either way."""
     marker = f"hang-up {time.time_ns()}"
     body = json.dumps({"model": "adaptd", "messages": [{"role": "user", "content": marker}],
-                       "max_tokens": 448, "stream": True, "ignore_eos": True}).encode()  # fmt: skip
+                       "max_tokens": HANG_UP_TOKENS, "stream": True, "ignore_eos": True}).encode()  # fmt: skip
     before = vllm_tokens(faulty)
     with socket.create_connection(("127.0.0.1", faulty.port), timeout=30) as s:
         s.sendall(
@@ -149,7 +155,7 @@ def test_a_client_hanging_up_mid_stream_is_logged_aborted_and_vllm_stops(
     row = rows()
     assert [(r["status"], r["completion_tokens"]) for r in row] == [("aborted", None)], (got, row)
     # the gateway dropped its upstream connection, and vLLM stopped making the answer
-    time.sleep(3)  # 448 tokens take the tiny model longer than this
+    time.sleep(3)  # the whole answer takes the tiny model longer than this
     assert vllm_tokens(faulty) - before < 100, (before, vllm_tokens(faulty), rows())
 
 
