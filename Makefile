@@ -37,13 +37,13 @@ test: $(VENV)/.stamp-dev-$(VLLM_EXTRA)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(VENV)/.stamp-dev-$(VLLM_EXTRA)
-	$(BIN)/ruff check daemon feedback learners serving tests benchmarks
-	$(BIN)/ruff format --check daemon feedback learners serving tests benchmarks
+	$(BIN)/ruff check daemon feedback learners serving tests benchmarks .ci
+	$(BIN)/ruff format --check daemon feedback learners serving tests benchmarks .ci
 	$(BIN)/mypy
 
 format: $(VENV)/.stamp-dev-$(VLLM_EXTRA)
-	$(BIN)/ruff check --fix daemon feedback learners serving tests benchmarks
-	$(BIN)/ruff format daemon feedback learners serving tests benchmarks
+	$(BIN)/ruff check --fix daemon feedback learners serving tests benchmarks .ci
+	$(BIN)/ruff format daemon feedback learners serving tests benchmarks .ci
 
 clean-venv:
 	rm -rf $(VENV)
