@@ -179,7 +179,7 @@ class Daemon:
                     tensor_parallel_size=s.tensor_parallel_size,
                     data_parallel_size=s.data_parallel_size,
                     max_loras=s.max_loras,
-                    max_lora_rank=s.max_lora_rank,
+                    max_lora_rank=settings.max_lora_rank,
                     max_num_seqs=s.max_num_seqs,
                     extra_args=tuple(s.extra_args),
                     hub_offline=Path(model_source).is_dir(),
@@ -207,7 +207,7 @@ class Daemon:
             data_dir=settings.data_dir,
             drain_timeout_s=settings.gate.drain_timeout_s,
             base_model=model_source,
-            max_rank=settings.serving.max_lora_rank,
+            max_rank=settings.max_lora_rank,
             on_change=lambda action: self.metrics.promotions.labels(action).inc(),
         )
         # Whenever vLLM (re)starts, before it takes requests: adapters are loaded again only if

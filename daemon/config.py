@@ -30,6 +30,10 @@ class ConfigError(Exception):
     """The configuration is invalid; the message lists every problem."""
 
 
+# The adapter ranks vLLM's LoRA buffers come in.
+LORA_RANKS = (8, 16, 32, 64, 128, 256)
+
+
 def _split(value: Any) -> Any:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -70,9 +74,20 @@ class ServingSettings(_Section):
     )
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
-    max_loras: int = Field(4, ge=1, description="Distinct adapters vLLM serves in one batch.")
-    max_lora_rank: int = Field(
-        64, description="Largest adapter rank vLLM accepts: 8, 16, 32, 64, 128 or 256."
+    max_loras: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Distinct adapters vLLM serves in one batch: the promoted version and the candidate "
+            "(or a replaced version draining); more wait their turn."
+        ),
+    )
+    max_lora_rank: int | None = Field(
+        None,
+        description=(
+            "Largest adapter rank vLLM accepts: 8, 16, 32, 64, 128 or 256. Default: the "
+            "smallest of those that holds training.rank (larger buffers slow every token)."
+        ),
     )
     max_num_seqs: int | None = Field(None, ge=1)
     extra_args: Annotated[list[str], NoDecode] = Field(
@@ -82,8 +97,8 @@ class ServingSettings(_Section):
 
     @field_validator("max_lora_rank")
     @classmethod
-    def _rank(cls, v: int) -> int:
-        if v not in (8, 16, 32, 64, 128, 256):
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and v not in LORA_RANKS:
             raise ValueError("must be one of 8, 16, 32, 64, 128, 256")
         return v
 
@@ -397,6 +412,16 @@ class Settings(BaseSettings):
     _split_keys = field_validator("api_keys", "admin_keys", mode="before")(_split)
 
     @model_validator(mode="after")
+    def _lora_rank_holds_training(self) -> Settings:
+        rank, served = self.training.rank, self.serving.max_lora_rank
+        if served is not None and served < rank:
+            raise ValueError(
+                f"serving.max_lora_rank {served} is below training.rank {rank}: vLLM would refuse "
+                f"every adapter adaptd trains; raise serving.max_lora_rank or leave it unset"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _bind_needs_keys(self) -> Settings:
         if not self.api_keys and not self.admin_keys and not _is_loopback(self.host):
             raise ValueError(
@@ -423,6 +448,13 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "adaptd.db"
+
+    @property
+    def max_lora_rank(self) -> int:
+        """vLLM's largest adapter rank: ``serving.max_lora_rank``, or the smallest that holds
+        ``training.rank`` (vLLM sizes its LoRA buffers by it, and every token pays for them)."""
+        served = self.serving.max_lora_rank
+        return served or next(r for r in LORA_RANKS if r >= self.training.rank)
 
     @property
     def auth_enabled(self) -> bool:

@@ -326,7 +326,7 @@ async def judge(deps: CycleDeps, cycle: Cycle, cand: Candidate, *, actor: str) -
     path = staging_dir(deps.adapters, cand.version)
     cycle = await save(deps, cycle, state="evaluating", version=cand.version)
     problems = await asyncio.to_thread(
-        admission_problems, path, deps.base_model, max_rank=deps.settings.serving.max_lora_rank
+        admission_problems, path, deps.base_model, max_rank=deps.settings.max_lora_rank
     )
     finite, detail = not problems, "; ".join(problems)
     summary: Summary | None = None

@@ -85,8 +85,8 @@ class EngineSettings:
     kv_cache_gib: float | None = None  # CPU: the KV cache's size (None: from the model and memory)
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
-    max_loras: int = 4
-    max_lora_rank: int = 64
+    max_loras: int = 2
+    max_lora_rank: int = 16
     max_num_seqs: int | None = None
     extra_args: tuple[str, ...] = ()
     hub_offline: bool = False

@@ -65,7 +65,9 @@ def test_defaults() -> None:
     assert (s.log_level, s.log_format, s.shutdown_timeout_s) == ("info", "text", 30)
     assert s.serving == ServingSettings.model_validate({})
     assert s.serving.vllm_url is None
-    assert (s.serving.max_model_len, s.serving.max_loras, s.serving.max_lora_rank) == (2048, 4, 64)
+    assert (s.serving.max_model_len, s.serving.max_loras) == (2048, 2)
+    assert s.serving.max_lora_rank is None
+    assert s.max_lora_rank == 16  # the smallest of vLLM's ranks that holds training.rank
     assert s.limits.max_body_bytes == 1_048_576
     assert s.store.log_queue_size == 10_000
 
@@ -96,7 +98,7 @@ def test_env_overrides_top_level_and_section_keys(monkeypatch: pytest.MonkeyPatc
     assert s.admin_keys == ["root"]
     assert s.auth_enabled
     assert s.serving.extra_args == ["--enforce-eager", "--seed", "1"]
-    assert s.serving.max_lora_rank == 64  # untouched keys of the section keep their default
+    assert s.serving.max_lora_rank is None  # untouched keys of the section keep their default
 
 
 def test_toml_file_named_by_adaptd_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,6 +129,25 @@ def test_env_beats_toml_and_overrides_beat_both(
     assert s.serving.dtype == "half"  # the rest of the TOML section still applies
     assert load_settings(port=7002).port == 7002
     assert load_settings(port=None).port == 7001  # None means "not given"
+
+
+@pytest.mark.parametrize(("rank", "served"), [(4, 8), (16, 16), (20, 32), (256, 256)])
+def test_vllm_s_lora_rank_follows_training_rank(
+    monkeypatch: pytest.MonkeyPatch, rank: int, served: int
+) -> None:
+    monkeypatch.setenv("ADAPTD_TRAINING__RANK", str(rank))
+    assert load_settings().max_lora_rank == served
+
+
+def test_a_lora_rank_below_the_training_rank_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ADAPTD_TRAINING__RANK", "32")
+    monkeypatch.setenv("ADAPTD_SERVING__MAX_LORA_RANK", "16")
+    with pytest.raises(ConfigError, match=r"serving.max_lora_rank 16 is below training.rank 32"):
+        load_settings()
+    monkeypatch.setenv("ADAPTD_SERVING__MAX_LORA_RANK", "64")
+    assert load_settings().max_lora_rank == 64
 
 
 def test_all_errors_are_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
