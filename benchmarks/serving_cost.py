@@ -8,11 +8,14 @@ Arms, each a fresh vLLM server on the same model, KV cache and flags but for LoR
 - ``lora-16x2``: buffers sized for what adaptd trains and serves (rank 16, two adapters at once);
 - ``merged``: the ``lora-16x2`` server after an in-place reload of the adapter merged into the
   base weights (vLLM's dev-mode ``/pause``, ``collective_rpc reload_weights``, ``/resume``): the
-  adapter's answers at the base model's speed. Its greedy tokens are compared with the adapter's.
+  adapter's answers at the base model's speed. Each merged run sits between a reload of the
+  merged weights and one of the base model's again (what a rollback would do), so it
+  interleaves with that server's base and adapter runs; every reload is timed. Its greedy text
+  is compared with the adapter's and the base model's.
 
-Per arm and model: decode time per token of one greedy stream (``ignore_eos``; the time from
-the first to the last token over the tokens between, median of the runs), and output tokens per
-second with ``--concurrency`` streams at once. The adapter is rank 16 on every linear layer with
+Per arm and model, runs interleaved within a server: decode time per token of one greedy
+stream (``ignore_eos``; the time from the first to the last token over the tokens between,
+median of the runs), and output tokens per second with ``--concurrency`` streams at once. The adapter is rank 16 on every linear layer with
 random non-zero weights (its values do not change the cost). Results go to ``--out``.
 
     .venv/bin/python benchmarks/serving_cost.py                    # SmolLM2-135M-Instruct
@@ -161,31 +164,76 @@ class Server:
         self.log.close()
 
 
-def measure(server: Server, model: str, args: argparse.Namespace) -> dict[str, Any]:
-    server.stream(model, 16)  # warm-up
-    per_token = []
-    text = ""
-    for _ in range(args.runs):
-        times, text = server.stream(model, args.tokens)
-        per_token.append((times[-1] - times[0]) / (len(times) - 1))
+def one_stream(server: Server, model: str, tokens: int) -> tuple[float, str]:
+    """Decode milliseconds per token of one greedy stream, and its text."""
+    times, text = server.stream(model, tokens)
+    return 1000 * (times[-1] - times[0]) / (len(times) - 1), text
+
+
+def concurrent_rate(server: Server, model: str, args: argparse.Namespace) -> float:
+    """Output tokens per second with ``args.concurrency`` streams at once."""
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
         done = list(pool.map(lambda _: len(server.stream(model, args.tokens)[0]),
                              range(args.concurrency)))  # fmt: skip
-    wall = time.perf_counter() - t0
-    return {"ms_per_token": 1000 * statistics.median(per_token),
-            "ms_per_token_runs": [1000 * x for x in per_token],
-            "tokens_per_s_concurrent": sum(done) / wall, "greedy_text": text}  # fmt: skip
+    return sum(done) / (time.perf_counter() - t0)
 
 
-def swap_in_merged(server: Server, merged: Path) -> float:
-    """The adapter merged into the served weights, in place: pause (in-flight requests keep
-    their place), reload from the merged folder, drop the prefix cache, resume. Seconds."""
+def summary(runs: list[float], text: str, rate: float) -> dict[str, Any]:
+    return {"ms_per_token": statistics.median(runs), "ms_per_token_runs": runs,
+            "tokens_per_s_concurrent": rate, "greedy_text": text}  # fmt: skip
+
+
+def measure(server: Server, models: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """``models`` on one server, their runs interleaved (the machine's drift falls on all)."""
+    for m in models:
+        server.stream(m, 16)  # warm-up
+    runs: dict[str, list[float]] = {m: [] for m in models}
+    texts: dict[str, str] = {}
+    for _ in range(args.runs):
+        for m in models:
+            ms, texts[m] = one_stream(server, m, args.tokens)
+            runs[m].append(ms)
+    return {m: summary(runs[m], texts[m], concurrent_rate(server, m, args)) for m in models}
+
+
+def measure_merged(
+    server: Server, model: Path, merged: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The base model, the adapter, and the adapter merged into the weights, on one server, runs
+    interleaved: each merged run between an in-place reload of the merged weights and one of the
+    base model's again (which is also what a rollback does), every reload timed."""
+    base, cand = BASE_NAME, "candidate"
+    for m in (base, cand):
+        server.stream(m, 16)  # warm-up
+    runs: dict[str, list[float]] = {base: [], cand: [], "merged": []}
+    texts: dict[str, str] = {}
+    swaps: list[float] = []
+    for _ in range(args.runs):
+        for m in (base, cand):
+            ms, texts[m] = one_stream(server, m, args.tokens)
+            runs[m].append(ms)
+        swaps.append(reload_weights(server, merged))
+        ms, texts["merged"] = one_stream(server, base, args.tokens)
+        runs["merged"].append(ms)
+        swaps.append(reload_weights(server, model))
+    out = {m: summary(runs[m], texts[m], concurrent_rate(server, m, args)) for m in (base, cand)}
+    swaps.append(reload_weights(server, merged))
+    out["merged"] = summary(runs["merged"], texts["merged"], concurrent_rate(server, base, args))
+    out["merged"]["swap_s_runs"] = swaps
+    out["merged"]["swap_s"] = statistics.median(swaps)
+    out["merged"]["swap_s_max"] = max(swaps)
+    return out
+
+
+def reload_weights(server: Server, weights: Path) -> float:
+    """The served weights replaced in place from ``weights``: pause (in-flight requests keep
+    their place), reload, drop the prefix cache, resume. Seconds."""
     t0 = time.perf_counter()
     server.post("/pause?mode=keep")
     try:
         server.post("/collective_rpc",
-                    {"method": "reload_weights", "kwargs": {"weights_path": str(merged)}})  # fmt: skip
+                    {"method": "reload_weights", "kwargs": {"weights_path": str(weights)}})  # fmt: skip
         server.post("/reset_prefix_cache")
     finally:
         server.post("/resume")
@@ -212,7 +260,7 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="the tests' tiny model")
     p.add_argument("--rank", type=int, default=16, help="the adapter's rank (adaptd's default)")
     p.add_argument("--tokens", type=int, default=96)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=7)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "docs/results/serving_cost_cpu.json")
     args = p.parse_args()
@@ -234,37 +282,37 @@ def main() -> int:
         arms = result["arms"]
         say("arm no-lora")
         s = Server(model, work / "no-lora.log", lora=None, dev=False)
-        arms["no-lora"] = {"start_s": s.start_s, "base": measure(s, BASE_NAME, args)}
+        arms["no-lora"] = {"start_s": s.start_s, **measure(s, [BASE_NAME], args)}
         s.stop()
-        for name, lora in (("lora-64x4", (64, 4)), ("lora-16x2", (max(16, args.rank), 2))):
-            say(f"arm {name}")
-            s = Server(model, work / f"{name}.log", lora=lora, dev=name == "lora-16x2")
-            s.post("/v1/load_lora_adapter", {"lora_name": "candidate", "lora_path": str(adapter)})
-            arms[name] = {"start_s": s.start_s, "base": measure(s, BASE_NAME, args),
-                          "adapter": measure(s, "candidate", args)}  # fmt: skip
-            if name == "lora-16x2":
-                s.post("/v1/unload_lora_adapter", {"lora_name": "candidate"})
-                say("arm merged: reloading the merged weights in place")
-                swap = swap_in_merged(s, merged)
-                m = measure(s, BASE_NAME, args)
-                m["swap_s"] = swap
-                m["same_text_as_adapter"] = same_prefix(arms[name]["adapter"]["greedy_text"],
-                                                        m["greedy_text"])  # fmt: skip
-                m["same_text_as_base"] = same_prefix(arms[name]["base"]["greedy_text"],
-                                                     m["greedy_text"])  # fmt: skip
-                arms["merged"] = m
-            s.stop()
+        say("arm lora-64x4")
+        s = Server(model, work / "lora-64x4.log", lora=(64, 4), dev=False)
+        s.post("/v1/load_lora_adapter", {"lora_name": "candidate", "lora_path": str(adapter)})
+        arms["lora-64x4"] = {"start_s": s.start_s, **measure(s, [BASE_NAME, "candidate"], args)}
+        s.stop()
+        say("arm lora-16x2, and the adapter merged in place (reloaded before each merged run)")
+        s = Server(model, work / "lora-16x2.log", lora=(max(16, args.rank), 2), dev=True)
+        s.post("/v1/load_lora_adapter", {"lora_name": "candidate", "lora_path": str(adapter)})
+        got = measure_merged(s, model, merged, args)
+        s.stop()
+        arms["lora-16x2"] = {
+            "start_s": s.start_s,
+            BASE_NAME: got[BASE_NAME],
+            "candidate": got["candidate"],
+        }
+        m = arms["merged"] = got["merged"]
+        m["same_text_as_adapter"] = same_prefix(got["candidate"]["greedy_text"], m["greedy_text"])
+        m["same_text_as_base"] = same_prefix(got[BASE_NAME]["greedy_text"], m["greedy_text"])
         result["total_s"] = time.monotonic() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # (server, what it serves, the measure, the same server's base model)
-    peer = arms["no-lora"]["base"]
+    peer = arms["no-lora"][BASE_NAME]
     rows = [("no-lora", "base", peer, peer)]
     for name in ("lora-64x4", "lora-16x2"):
-        base = arms[name]["base"]
-        rows += [(name, "base", base, base), (name, "adapter", arms[name]["adapter"], base)]
+        base = arms[name][BASE_NAME]
+        rows += [(name, "base", base, base), (name, "adapter", arms[name]["candidate"], base)]
     rows.append(
-        ("merged (in-place reload)", "adapter merged", arms["merged"], arms["lora-16x2"]["base"])
+        ("lora-16x2", "adapter merged in place", arms["merged"], arms["lora-16x2"][BASE_NAME])
     )
     result["table"] = [
         {"server": a, "serves": b, "ms_per_token": m["ms_per_token"],
@@ -284,7 +332,8 @@ def main() -> int:
         print(f"| {r['server']} | {r['serves']} | {r['ms_per_token']:.1f} | {r['vs_base']:.2f}x "
               f"| {r['vs_base_same_server']:.2f}x | {r['tokens_per_s_concurrent']:.0f} |")  # fmt: skip
     m = arms["merged"]
-    print(f"\nmerged swap (pause, reload, resume): {m['swap_s']:.2f} s; the merged model's greedy "
+    print(f"\nin-place reload (pause, reload, resume): median {m['swap_s']:.2f} s, at most "
+          f"{m['swap_s_max']:.2f} s over {len(m['swap_s_runs'])}; the merged model's greedy "
           f"answer repeats {m['same_text_as_adapter']:.0%} of the adapter's from the start "
           f"({m['same_text_as_base']:.0%} of the base model's)")  # fmt: skip
     print(f"results: {args.out}")
