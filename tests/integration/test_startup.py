@@ -63,7 +63,7 @@ def test_memory_that_cannot_fit_is_refused_before_vllm_starts(tiny_model: Path) 
         EngineSettings(model=str(tiny_model), max_model_len=512, kv_cache_gib=4096)
     )
     assert "kv_cache_gib = 4096 does not fit" in line and "GiB available" in line
-    assert seconds < 1  # no vLLM was started
+    assert seconds < 5  # no vLLM was started (its start takes 30 s or more; 1.1 s seen on busy CI)
 
 
 def test_vllms_own_memory_refusal_names_the_memory_setting(tiny_model: Path) -> None:
