@@ -760,11 +760,17 @@ def resolve_model(spec: str) -> tuple[Path, str]:
 
         target = WORK / f"model-{path.stem}"
         if not (target / "config.json").is_file():
-            tmp = target.with_name(target.name + ".tmp")
+            # a folder of this process's own: runs started side by side convert at once
+            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             convert_gguf(path, tmp)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another run got there first: keep its copy
+                if not (target / "config.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         return target, path.stem.split(".")[0]
     if path.is_dir() and (path / "config.json").is_file():
         return path.resolve(), path.resolve().name
