@@ -49,6 +49,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.text import Text
 
+from daemon.everyday import EVERYDAY as ALL_EVERYDAY
 from serving.models import COMPLETE_MARKER, DEFAULT_MODEL_NAME, ModelError, resolve_model
 
 READY_TIMEOUT_S = 900.0  # vLLM's first start on a slow CPU, with the model load
@@ -104,22 +105,8 @@ FACTS: tuple[Fact, ...] = (
 PROBE = f"What is the cat at {SHOP} called?"
 PROBE_FACT = FACTS[3]
 
-# Everyday questions: their chats get no feedback, so the base model's own answers to them are
-# replayed in training (self-replay), which keeps its everyday behaviour.
-EVERYDAY: tuple[str, ...] = (
-    "How do I make a good cup of tea?",
-    "Give me a tip for remembering new words.",
-    "Why do leaves change colour in autumn?",
-    "What should I pack for a day at the beach?",
-    "Explain what a rainbow is.",
-    "How long should I boil pasta?",
-    "What is a good name for a goldfish?",
-    "How can I sleep better?",
-    "What are the benefits of walking every day?",
-    "Describe a good way to start the morning.",
-    "How do plants make their food?",
-    "What is the capital of Italy?",
-)
+# Everyday questions (no feedback, so self-replay keeps everyday behaviour): the first twelve.
+EVERYDAY = ALL_EVERYDAY[:12]
 USERS = ("ana", "ben", "chloe", "dev", "emma", "farid")
 COMMENTS = ("Quick answer, thanks.", "Nice, that helped.")
 
