@@ -253,6 +253,7 @@ def build_report(
             "planned_steps": train.get("planned_steps"),
             "stop": train.get("stop"),
             "taught_checks": train.get("taught_checks") or [],
+            "kept_check": train.get("kept_check"),
             "curve": curve,
         },
         "learning": summary.learning if summary else None,

@@ -806,6 +806,10 @@ def stop_line(tr: Mapping[str, Any]) -> str:
             text += f"; {100 * exact:.0f} % of the taught answers learned whole"
             if isinstance(tokens, int | float):
                 text += f" ({100 * tokens:.0f} % of their tokens)"
+    kept = _dict(tr.get("kept_check"))
+    if kept and isinstance(kept.get("exact"), int | float):
+        text += (f"; the adapter kept is the one after {_fmt(kept.get('epoch'))} passes, its best"
+                 f" check ({100 * kept['exact']:.0f} % learned whole)")  # fmt: skip
     return text + "."
 
 

@@ -162,6 +162,9 @@ class TrainResult:
     # After each pass from min_epochs on: the taught answers' teacher-forced token accuracy and
     # mean NLL per token ({"epoch", "step", "token_accuracy", "nll"}).
     taught_checks: list[dict[str, float]] = field(default_factory=list)
+    # A run that spent its budget keeps the weights of its best check; this is that check
+    # (None: the last step's weights were kept, being the best or the run having stopped early).
+    kept_check: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -534,6 +537,9 @@ def train(
     ran = total
     stop = "steps" if s.steps is not None else "budget"
     fits: list[dict[str, float]] = []
+    # The weights of the best check so far (CPU copies of the adapter: small): a run that ends
+    # on its budget keeps them, not the last step's, which a late loss spike can undo.
+    best: tuple[tuple[float, float, float], int, dict[str, torch.Tensor]] | None = None
     model.train()
     bar = _bar(total, start)
     t_loop = time.perf_counter()
@@ -584,6 +590,10 @@ def train(
                        "nll": round(f.nll, 4)}  # fmt: skip
                 fits.append(fit)
                 record["taught"] = fit
+                key = (f.exact, f.token_accuracy, -f.nll)
+                if best is None or key > best[0]:
+                    best = (key, len(fits) - 1, {n: p.detach().cpu().clone()
+                                                 for n, p in params.items()})  # fmt: skip
                 log.info("after %s passes: %.0f%% of the taught answers exact, %.1f%% of their "
                          "tokens, NLL %.3f", fit["epoch"], 100 * f.exact, 100 * f.token_accuracy,
                          f.nll)  # fmt: skip
@@ -607,6 +617,16 @@ def train(
                 raise Stopped(f"stopped after step {step + 1} of {total}; checkpoint written")
     bar.close()
     loop_s = time.perf_counter() - t_loop
+    kept_check: dict[str, float] | None = None
+    if stop == "budget" and best is not None and best[1] != len(fits) - 1:
+        kept_check = fits[best[1]]
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(best[2][n].to(p.device))
+        log.info("budget spent: keeping the weights after %s passes (%.0f%% of the taught "
+                 "answers exact), not the last pass's (%.0f%%)", kept_check["epoch"],
+                 100 * kept_check["exact"], 100 * fits[-1]["exact"])  # fmt: skip
+    best = None
 
     out = work / "adapter"
     shutil.rmtree(out, ignore_errors=True)
@@ -632,6 +652,7 @@ def train(
         epochs=round(ran / per_epoch, 2),
         stop=stop,
         taught_checks=fits,
+        kept_check=kept_check,
         examples=len(kept),
         dropped_too_long=len(tokenized) - len(kept),
         rows=len(rows),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners.data import IGNORE, Tokenized, pack, tokenize_chat
@@ -416,3 +417,28 @@ def test_a_job_reaches_the_child_whole(tmp_path: Path) -> None:
         if f.name in ("examples", "fisher_examples"):
             want, have = [list(map(dict, m)) for m in want], [list(map(dict, m)) for m in have]
         assert have == want, f.name
+
+
+def test_a_run_that_spends_its_budget_keeps_the_weights_of_its_best_check(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """At a learning rate far too high the taught answers get better, then worse again; the
+    budget ends with the last check below the best one, and the adapter written is the one of
+    the best check: the same weights as a run stopped at that pass (same seed, constant rate,
+    no dropout: every step of the two runs up to there is the same)."""
+    settings = replace(FAST, min_steps=1, learning_rate=0.04, warmup_ratio=0.0,
+                       schedule="constant", stop_learned=1.0, min_epochs=1, max_epochs=10)  # fmt: skip
+    job = TrainJob(base_model=str(tiny_model), work_dir=tmp_path / "long", examples=FACTS,
+                   settings=settings, n_taught=len(FACTS))  # fmt: skip
+    r = train(job)
+    assert r.stop == "budget", r.taught_checks
+    keys = [(c["exact"], c["token_accuracy"], -c["nll"]) for c in r.taught_checks]
+    best = keys.index(max(keys))
+    assert best < len(keys) - 1, r.taught_checks  # the situation this test is about
+    assert r.kept_check == r.taught_checks[best]
+    short = train(replace(job, work_dir=tmp_path / "short",
+                          settings=replace(settings, max_epochs=r.kept_check["epoch"])))  # fmt: skip
+    assert short.kept_check is None and short.taught_checks[-1] == r.kept_check
+    a = load_file(r.adapter_dir / "adapter_model.safetensors")
+    b = load_file(short.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
