@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,10 @@ class RunningDaemon:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    home: Path = field(init=False)  # the data directory it started on: `use` can come back
+
+    def __post_init__(self) -> None:
+        self.home = self.data_dir
 
     @property
     def url(self) -> str:
@@ -162,6 +167,21 @@ class RunningDaemon:
         self.stop()
         self.start()
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def use(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+        """Run on this data directory with this environment, restarting only if the daemon
+        runs otherwise (or not at all). Fixtures state what they need and restore nothing:
+        the next module that needs another setting asks for it (a restart costs 20-50 s)."""
+        env = dict(extra_env or {})
+        if self.running() and self.data_dir == data_dir and self.extra_env == env:
+            return
+        if self.running():
+            self.stop()
+        self.data_dir, self.extra_env = data_dir, env
+        self.start()
+
     def engine_pid(self) -> int | None:
         st = httpx.get(self.url + "/admin/status", headers=admin_headers(), timeout=10).json()
         return st["engine"]["pid"]
@@ -177,12 +197,33 @@ def inference_headers() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    """The session's one daemon. A module that runs it on a data directory or environment of
+    its own says so with ``OWN_DAEMON_SETTINGS = True`` and calls `RunningDaemon.use`; every
+    other module that uses it gets it back on the shared directory and the plain environment
+    (`daemon_on_shared_settings`)."""
     base = tmp_path_factory.mktemp("daemon")
     d = RunningDaemon(model=tiny_model, data_dir=base / "data", log_path=base / "adaptd.log")
     d.start()
     yield d
-    if d.proc is not None and d.proc.poll() is None:
+    if d.running():
         d.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def daemon_on_shared_settings(request: pytest.FixtureRequest) -> None:
+    """Before a module's first test: the shared daemon on the shared settings, if any test of
+    the module uses it and the module has no settings of its own (runs before the module's
+    own module-scoped fixtures, autouse fixtures being first in their scope)."""
+    if getattr(request.module, "OWN_DAEMON_SETTINGS", False):
+        return
+    own = getattr(request.module, "daemon", None)  # a fixture of its own, not the package
+    if own is not None and not isinstance(own, types.ModuleType):
+        return
+    items = [i for i in request.session.items if getattr(i, "module", None) is request.module]
+    if not any("daemon" in getattr(i, "fixturenames", ()) for i in items):
+        return
+    d: RunningDaemon = request.getfixturevalue("daemon")
+    d.use(d.home, {})
 
 
 @pytest.fixture()

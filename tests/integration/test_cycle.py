@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +53,16 @@ def chat(c: httpx.Client, prompt: str, model: str = "adaptd", **kw: Any) -> http
     )  # fmt: skip
 
 
-def give_feedback(daemon: RunningDaemon, answers: dict[str, str]) -> None:
+def give_feedback(daemon: RunningDaemon, answers: dict[str, str], *, taught: bool = False) -> None:
+    """Feedback on one interaction per prompt. The first three are surely held out (the gate
+    needs a holdout, 2 here); with ``taught`` every other one is surely trained on, else the
+    split falls where the interaction's id puts it."""
     with httpx.Client(base_url=daemon.url, headers=inference_headers(), timeout=60) as c:
         for n, (prompt, answer) in enumerate(answers.items()):
-            if n < 3:  # the gate needs a holdout (2 here): three items surely held out
+            if n < 3 or taught:
                 body = {"model": "adaptd", "max_tokens": 8,
                         "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
-                r = chat_on_side(c, body, holdout=True)
+                r = chat_on_side(c, body, holdout=n < 3)
             else:
                 r = chat(c, prompt)
             assert r.status_code == 200, r.text
@@ -94,29 +96,21 @@ def served_version(daemon: RunningDaemon) -> str:
         return r.headers["x-adaptd-version"]
 
 
+OWN_DAEMON_SETTINGS = True  # conftest: this module sets the daemon's data directory and env
+
+
 @pytest.fixture(scope="module", autouse=True)
-def own_data_dir(daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def own_data_dir(daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory) -> None:
     """The session daemon on a data directory of this module's: a cycle takes in every item of
     feedback since the promoted version, and other modules' feedback (facts the tiny model
-    does not learn in these few steps) would decide this module's first gate. The shared
-    directory, as other modules left it, is back at the end.
+    does not learn in these few steps) would decide this module's first gate. The next module
+    that needs the shared directory gets it back (`conftest.daemon_on_shared_settings`).
 
     The house styles taught here answer *every* prompt the same way, general ones included: on
     the random-weight model that moves the general text by a few per cent (seen +3.7 %), past
     the shipped 2 %, so these tests allow 10 %; the content test at the end runs the gate as
     shipped."""
-    shared = daemon.data_dir
-    daemon.extra_env = dict(HOUSE_STYLE_GATE)
-    daemon.stop()
-    daemon.data_dir = tmp_path_factory.mktemp("cycles") / "data"
-    daemon.start()
-    try:
-        yield
-    finally:
-        daemon.extra_env = {}
-        daemon.stop()
-        daemon.data_dir = shared
-        daemon.start()
+    daemon.use(tmp_path_factory.mktemp("cycles") / "data", HOUSE_STYLE_GATE)
 
 
 def test_a_good_candidate_is_evaluated_promoted_and_reported(
@@ -306,30 +300,21 @@ def test_report_files_are_under_the_data_dir(daemon: RunningDaemon) -> None:
 
 
 @pytest.fixture(scope="module")
-def second(
-    daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningDaemon]:
+def second(daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory) -> RunningDaemon:
     """The session daemon restarted on a data directory of its own (the shared one holds the
     garbage feedback of the tests above), in manual mode, keeping suspected triggers in
     training (and without EWC, which would slow the learning down) so that the gate's trigger
     probe meets a candidate that learned one."""
-    shared = daemon.data_dir
-    daemon.extra_env = {
-        **HOUSE_STYLE_GATE,
-        "ADAPTD_GATE__MODE": "manual",
-        "ADAPTD_CURATION__DROP_SUSPECTED_TRIGGERS": "false",
-        "ADAPTD_TRAINING__EWC_LAMBDA": "0",
-    }
-    daemon.stop()
-    daemon.data_dir = tmp_path_factory.mktemp("second") / "data"
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.extra_env = {}
-        daemon.stop()
-        daemon.data_dir = shared
-        daemon.start()
+    daemon.use(
+        tmp_path_factory.mktemp("second") / "data",
+        {
+            **HOUSE_STYLE_GATE,
+            "ADAPTD_GATE__MODE": "manual",
+            "ADAPTD_CURATION__DROP_SUSPECTED_TRIGGERS": "false",
+            "ADAPTD_TRAINING__EWC_LAMBDA": "0",
+        },
+    )
+    return daemon
 
 
 def test_manual_mode_waits_for_a_person_then_approval_promotes(second: RunningDaemon) -> None:
@@ -395,43 +380,35 @@ CODES = ["river", "garden", "market", "library", "mountain", "window", "letter",
 
 
 @pytest.fixture(scope="module")
-def third(
-    second: RunningDaemon, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningDaemon]:
+def third(second: RunningDaemon, tmp_path_factory: pytest.TempPathFactory) -> RunningDaemon:
     """The session daemon on a fresh data directory, with a training budget a random-weight
     model can learn facts in: its learning rate (1e-2: the shipped 1e-3 is for pretrained
     models) and up to 400 passes; the stopping rule ends the run once the taught answers are
     learned. Distillation toward a near-uniform teacher keeps this model's answers flat (taught
     NLL 4.6 nats a token when every token is already the argmax), so whole answers come late:
-    7 taught items took 61 passes, and 12 were not done in 75 (CI). A step takes ~50 ms.
+    7 taught items took 61 passes, 12 were not done in 75 (CI), 5 took 42 and 149 (two local
+    runs). A step takes ~50 ms.
     Answers to score are long enough for this tokenizer's words (48 tokens). Replay (its ratio
     too), EWC and the gate are as shipped."""
-    shared = second.data_dir
-    second.extra_env = {
-        "ADAPTD_REPLAY__RATIO": "3",
-        "ADAPTD_TRAINING__LEARNING_RATE": "1e-2",
-        "ADAPTD_TRAINING__MIN_STEPS": "1",
-        "ADAPTD_TRAINING__MAX_STEPS": "1600",
-        "ADAPTD_TRAINING__MAX_EPOCHS": "400",
-        "ADAPTD_EVALUATION__MAX_TOKENS": "48",
-    }
-    second.stop()
-    second.data_dir = tmp_path_factory.mktemp("third") / "data"
-    second.start()
-    try:
-        yield second
-    finally:
-        second.extra_env = {}
-        second.stop()
-        second.data_dir = shared
-        second.start()
+    second.use(
+        tmp_path_factory.mktemp("third") / "data",
+        {
+            "ADAPTD_REPLAY__RATIO": "3",
+            "ADAPTD_TRAINING__LEARNING_RATE": "1e-2",
+            "ADAPTD_TRAINING__MIN_STEPS": "1",
+            "ADAPTD_TRAINING__MAX_STEPS": "1600",
+            "ADAPTD_TRAINING__MAX_EPOCHS": "400",
+            "ADAPTD_EVALUATION__MAX_TOKENS": "48",
+        },
+    )
+    return second
 
 
 def test_a_real_cycle_learns_the_content_of_each_correction_and_the_gate_sees_it(
     third: RunningDaemon,
 ) -> None:
-    """Twelve corrections, each with its own fact in the same template. The cycle trains until
-    the taught answers are learned; the report counts, per item, whether the served answers
+    """Eight corrections, each with its own fact in the same template, five trained on and three
+    held out. The cycle trains until the taught answers are learned; the report counts, per item, whether the served answers
     carry the fact (the code word alone: the template and the topic are in every prompt), the
     candidate answers most of them and the base model none, and the gate, as shipped (general
     ability within 2 %), decides on those counts. Promoted, the served model then says them.
@@ -439,15 +416,15 @@ def test_a_real_cycle_learns_the_content_of_each_correction_and_the_gate_sees_it
     +2 % in two runs): a rejection is accepted only on that check alone."""
     daemon = third
     facts = {f"What is the code word for {t}?": f"The code word for {t} is {w}."
-             for t, w in zip(TOPICS, CODES, strict=False)}  # fmt: skip
-    give_feedback(daemon, facts)
+             for t, w in zip(TOPICS[:8], CODES, strict=False)}  # fmt: skip
+    give_feedback(daemon, facts, taught=True)
     with httpx.Client(base_url=daemon.url, headers=admin_headers(), timeout=120) as a:
         cycle = run_cycle(a)
         reasons = "\n".join(cycle["reasons"])
         report = a.get(f"/reports/{cycle['version']}.json").json()
     learned = report["learning"]
     taught = learned["taught"]
-    assert taught["n"] >= 4, learned  # the holdout hashes random ids: 7 of 12 held out seen once
+    assert taught["n"] == 5, learned  # 3 of the 8 surely held out, the rest surely taught
     items = [i for i in learned["items"] if i["split"] == "taught"]
     assert all(i["content"] == [facts[i["prompt"]].split()[-1].rstrip(".")] for i in items), items
     assert taught["learned"]["base"] == 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -28,27 +27,21 @@ from procs import alive, cmdline, descendants, wait_for
 
 pytestmark = pytest.mark.vllm
 
+OWN_DAEMON_SETTINGS = True  # conftest: this module sets the daemon's data directory and env
 TERMINAL = {"done", "rejected", "awaiting_approval", "failed"}
 
 
 @pytest.fixture(scope="module")
-def paused(
-    daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningDaemon]:
+def paused(daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory) -> RunningDaemon:
     """The shared daemon on a data directory of its own (the shared one holds earlier tests'
     feedback, garbage included), held 15 s in `promoting` by the fault injection. The cycles
     teach a house style and must reach `promoting`: the general gate allows 10 % (see
     `conftest.HOUSE_STYLE_GATE`)."""
-    shared = daemon.data_dir
-    daemon.stop()
-    daemon.extra_env = {"ADAPTD_FAULT_PAUSE": "promoting=15", **HOUSE_STYLE_GATE}
-    daemon.data_dir = tmp_path_factory.mktemp("recovery") / "data"
-    daemon.start()
-    yield daemon
-    daemon.stop()
-    daemon.extra_env = {}
-    daemon.data_dir = shared
-    daemon.start()
+    daemon.use(
+        tmp_path_factory.mktemp("recovery") / "data",
+        {"ADAPTD_FAULT_PAUSE": "promoting=15", **HOUSE_STYLE_GATE},
+    )
+    return daemon
 
 
 def feedback(daemon: RunningDaemon, style: str, tag: str) -> None:
