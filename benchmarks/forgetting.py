@@ -137,6 +137,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import git_commit  # noqa: E402  (httpx, which the GPU machine has too)
 
 WORK = ROOT / ".bench" / "forgetting"
 DATA_FILE = WORK / "data.json"
@@ -1029,18 +1031,6 @@ def ewc_scales(progress: Path) -> list[float]:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 out.append(float(json.loads(line)["ewc_scale"]))
     return out
-
-
-def git_commit() -> str | None:
-    """HEAD of the checkout, with ``+uncommitted`` when tracked files differ (None: no git)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+uncommitted" if dirty.strip() else "")
 
 
 def ordered(arms: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,18 @@ TINY_SETTINGS = {
 }
 
 
+def git_commit() -> str | None:
+    """HEAD of the checkout, with ``+uncommitted`` when tracked files differ (None: no git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+uncommitted" if dirty.strip() else "")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

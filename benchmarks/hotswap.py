@@ -43,6 +43,7 @@ from harness import (
     ROOT,
     TOPICS,
     free_port,
+    git_commit,
     percentile,
     start_daemon,
     stop_daemon,
@@ -153,6 +154,8 @@ def main() -> None:
         results = measure(url, versions, args)
     finally:
         stop_daemon(proc)
+    results["commit"] = git_commit()
+    results["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "model": "tiny (built in code)" if not args.model else args.model}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
