@@ -70,12 +70,9 @@ class Request:
 def start_hotswap_daemon(
     model: Path, data: Path, port: int, log_path: Path
 ) -> subprocess.Popen[bytes]:
-    # two independent versions to swap between: each trained fresh on its own style; what
-    # is measured is the swap, so the gate does not ask that the style be learned (the content
-    # gate rejected the second style on the tiny model's short cycle: taught 0 of 4)
+    # two independent versions to swap between: each trained fresh on its own style
     return start_daemon(
         model, data, port, log_path,
-        ADAPTD_GATE__MIN_TAUGHT_LEARNED="0",
         ADAPTD_TRAINING__WARM_START="false",
         ADAPTD_TRAINING__EWC_LAMBDA="0",
         ADAPTD_REPLAY__RATIO="0",
