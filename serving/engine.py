@@ -101,6 +101,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# vLLM closes a connection left idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE seconds (5 by default). A
+# client pool that keeps one longer can send a request on it just as the server closes it
+# ("Can not write request body", seen in a promotion's probe between swaps 3 s apart), so the
+# pools that talk to vLLM drop idle connections sooner.
+UPSTREAM_KEEPALIVE_S = 4.0
+
+
 def _has_cuda() -> bool:
     return Path("/dev/nvidia0").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
@@ -208,7 +215,10 @@ class VllmEngine:
 
         Managed: `EngineStartError` if the memory plan cannot fit, or if vLLM exits (or never
         turns healthy) before its first `/health`, with `serving.startup`'s diagnosis."""
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(keepalive_timeout=UPSTREAM_KEEPALIVE_S),
+            timeout=aiohttp.ClientTimeout(total=None, connect=10),
+        )
         if not self.managed:
             await self._wait_healthy()
             self._tasks.append(asyncio.create_task(self._watch_external(), name="vllm-watch"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from serving.engine import EngineSettings, VllmEngine, vllm_command
+from serving.engine import UPSTREAM_KEEPALIVE_S, EngineSettings, VllmEngine, vllm_command
 
 
 def test_private_keys_never_read_as_flags() -> None:
@@ -29,3 +29,11 @@ def test_command_carries_the_lora_and_memory_flags() -> None:
     assert cmd[cmd.index("--max-loras") + 1] == "3"
     assert cmd[cmd.index("--max-lora-rank") + 1] == "16"
     assert "--enable-lora" in cmd and cmd[cmd.index("--served-model-name") + 1] == "base"
+
+
+def test_pools_to_vllm_drop_idle_connections_before_vllm_closes_them() -> None:
+    """A pooled connection kept past vLLM's keep-alive can carry a request into a socket the
+    server is closing (a promotion's probe failed so, with "Can not write request body")."""
+    import vllm.envs
+
+    assert UPSTREAM_KEEPALIVE_S < vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE
