@@ -52,7 +52,12 @@ Arms (``--arms``; plain, replay and both by default), all through the product's 
 * ``both``: replay and EWC;
 * ``replay-base``, ``both-base``: the same, with self-replay always answered by the base
   model (the daemon's earlier rule: it undid learned answer styles, see
-  docs/learning.md).
+  docs/learning.md);
+* ``both-cap25``, ``both-pull``, ``both-pull10k``: "both" with EWC's gradient capped at a
+  quarter of the task's (not half), or with decoupled EWC (``training.ewc_mode``
+  "decoupled": each weight pulled toward its anchor after the step) at lambda 1000 and
+  10000 (``ARM_EWC``; each arm's results keep them as ``ewc_settings``). The targets are
+  reported for each of these as for "both".
 
 By default they run in the order plain, both, replay (so that a run cut short still has the
 two arms the first targets compare); tables and plots show them in the order above.
@@ -159,13 +164,25 @@ ARMS = {
     "both": (True, True, "current"),
     "replay-base": (True, False, "base"),
     "both-base": (True, True, "base"),
+    "both-cap25": (True, True, "current"),
+    "both-pull": (True, True, "current"),
+    "both-pull10k": (True, True, "current"),
+}
+# Arms that are "both" with other EWC settings (over the command line's), to compare EWC's
+# forms side by side in one run: its gradient capped at a quarter of the task's, and the
+# decoupled pull (`learners.ewc.pull_toward_anchor_`) at lambda 1000 and 10000.
+ARM_EWC = {
+    "both-cap25": {"ewc_max_share": 0.25},
+    "both-pull": {"ewc_mode": "decoupled"},
+    "both-pull10k": {"ewc_mode": "decoupled", "ewc_lambda": 10000.0},
 }
 # The daemon's replay shares (`daemon.config.ReplaySettings`), set by `product_defaults()`.
 REPLAY_SHARES = {"general": 0.3, "self": 0.4, "past": 0.3}
 STYLE_OPEN = "Thanks for asking!"
 STYLE_CLOSE = "- The adaptd help desk"
 COLOURS = {"plain": "#7f7f7f", "replay": "#1f77b4", "ewc": "#ff7f0e", "both": "#2ca02c",
-           "replay-base": "#9ecae1", "both-base": "#a1d99b"}  # fmt: skip
+           "replay-base": "#9ecae1", "both-base": "#a1d99b", "both-cap25": "#98df8a",
+           "both-pull": "#9467bd", "both-pull10k": "#c5b0d5"}  # fmt: skip
 
 Chat = list[dict[str, str]]
 
@@ -914,6 +931,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     out = Path(args.out) if args.out else default_out(results)
     for arm in args.arms:
         use_replay, use_ewc, self_from = ARMS[arm]
+        ewc_over: dict[str, Any] = ARM_EWC.get(arm, {})
         t_arm = time.perf_counter()
         own = self_replay  # before the first task the model is the base model
         warm: Path | None = None
@@ -945,9 +963,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 max_len=args.max_len,
                 batch_tokens=args.batch_tokens,
                 seed=args.seed,
-                ewc_lambda=args.ewc_lambda if use_ewc else 0.0,
+                ewc_lambda=ewc_over.get("ewc_lambda", args.ewc_lambda) if use_ewc else 0.0,
                 ewc_decay=args.ewc_decay,
-                ewc_max_share=args.ewc_max_share,
+                ewc_max_share=ewc_over.get("ewc_max_share", args.ewc_max_share),
+                ewc_mode=ewc_over.get("ewc_mode", "gradient"),
                 replay_loss=args.replay_loss,
                 distill_tail=args.distill_tail,
                 checkpoint_every=0,
@@ -1012,6 +1031,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 f"{result.final_loss:.3f}; {fmt_scores(ev, base_eval)} (eval {ev['eval_seconds']:.1f} s)"
             )
         results["arms"][arm] = {"stages": stages, "wall_s": round(time.perf_counter() - t_arm, 1)}
+        if ewc_over:  # the arm's own EWC settings, over the run's
+            results["arms"][arm]["ewc_settings"] = ewc_over
         results["wall_s"] = round(time.perf_counter() - started, 1)
         summarise(results)
         write_outputs(results, out)  # after every arm: a run cut short keeps what it measured
@@ -1081,9 +1102,16 @@ def summarise(results: dict[str, Any]) -> None:
     for a in results["arms"].values():
         g = a["metrics"]["task_gain"]
         a["metrics"]["gain_ratio"] = g / plain if plain else None
-    both = results["arms"].get("both", {}).get("metrics")
-    if both:
-        results["targets"] = targets(both, results["arms"].get("replay", {}).get("metrics"), plain)
+    replay = results["arms"].get("replay", {}).get("metrics")
+    by_arm = {
+        arm: targets(a["metrics"], replay, plain)
+        for arm, a in ordered(results["arms"]).items()
+        if arm == "both" or arm in ARM_EWC
+    }
+    if "both" in by_arm:
+        results["targets"] = by_arm["both"]
+    if by_arm:
+        results["targets_by_arm"] = by_arm
 
 
 # Targets (issue), for replay + EWC ("both") at the shipped defaults.
@@ -1157,7 +1185,7 @@ def print_table(results: dict[str, Any]) -> None:
         + f", general NLL {base['general_nll']:.4f}\n"
     )
     head = (
-        f"{'arm':<12}{'task gain':>10}{'x plain':>9}{'general NLL':>13}{'sotu':>9}{'moby':>9}"
+        f"{'arm':<14}{'task gain':>10}{'x plain':>9}{'general NLL':>13}{'sotu':>9}{'moby':>9}"
         f"{'BWT':>8}{'BWT NLL':>9}{'steps':>7}{'train s':>9}{'wall s':>8}"
     )
     print(head)
@@ -1166,7 +1194,7 @@ def print_table(results: dict[str, Any]) -> None:
         m = a["metrics"]
         src = m["general_nll_change_pct_by_source"]
         print(
-            f"{arm:<12}{num(m['task_gain'], '+10.1f')}{num(m['gain_ratio'], '9.2f')}"
+            f"{arm:<14}{num(m['task_gain'], '+10.1f')}{num(m['gain_ratio'], '9.2f')}"
             f"{num(m['general_nll_change_pct'], '+11.2f')} %"
             f"{num(src.get('sotu'), '+7.2f')} %{num(src.get('moby'), '+7.2f')} %"
             f"{num(m['bwt'], '+8.1f')}"
@@ -1190,16 +1218,17 @@ def print_table(results: dict[str, Any]) -> None:
                 + (f"{100 * last.get('exact', last['token_accuracy']):.1f} %" if last else "-")
             )
             print(
-                f"  {arm:<11} after {names[j]:<9} {cells}   general {s['general_nll']:.4f}   {how}"
+                f"  {arm:<13} after {names[j]:<9} {cells}   general {s['general_nll']:.4f}   {how}"
             )
-    if "targets" in results:
-        t = results["targets"]
 
-        def verdict(v: bool | None) -> str:
-            return "not run" if v is None else ("met" if v else "missed")
+    def verdict(v: bool | None) -> str:
+        return "not run" if v is None else ("met" if v else "missed")
 
+    for arm, t in results.get("targets_by_arm", {}).items():
+        form = ", ".join(f"{k} {v}" for k, v in ARM_EWC.get(arm, {}).items()) or "as shipped"
         print(
-            f"\ntargets (replay + EWC): gain >= {100 * GAIN_RATIO_TARGET:.0f} % of plain: "
+            f"\ntargets ({arm}: replay + EWC, {form}): "
+            f"gain >= {100 * GAIN_RATIO_TARGET:.0f} % of plain: "
             f"{verdict(t['gain_at_least_95pct_of_plain'])}; BWT >= {BWT_TARGET:g} point: "
             f"{verdict(t['bwt_at_least_minus_1'])}; general NLL at most +{GENERAL_TARGET:g} %: "
             f"{verdict(t['general_within_1pct'])}; forgets less than replay at the same gain: "

@@ -251,6 +251,7 @@ def train_settings(cfg: TrainingSettings, replay: ReplaySettings | None = None) 
         max_epochs=cfg.max_epochs,
         stop_learned=cfg.stop_learned,
         ewc_max_share=cfg.ewc_max_share,
+        ewc_mode=cfg.ewc_mode,
         max_len=cfg.max_len,
         batch_tokens=cfg.batch_tokens,
         seed=cfg.seed,

@@ -195,6 +195,13 @@ class TrainingSettings(_Section):
         description="EWC's gradient may cancel at most this share of the task gradient's "
         "length (so it never pins what a new task needs); unset: uncapped.",
     )
+    ewc_mode: Literal["gradient", "decoupled"] = Field(
+        "gradient",
+        description="How EWC acts: 'gradient', its gradient joins the task's before the "
+        "optimizer (capped by ewc_max_share); 'decoupled', each weight is pulled back toward "
+        "the promoted version's after every step, in proportion to its Fisher "
+        "(ewc_max_share does not apply).",
+    )
     max_restarts: int = Field(2, ge=0, description="Resumes after a crash of the training child.")
     gpu_memory_fraction: float | None = Field(
         None, gt=0, le=1, description="Cap on training's share of GPU memory (vLLM holds the rest)."

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -90,6 +90,10 @@ class TrainSettings:
     # EWC's gradient may cancel at most this share of the task gradient's length
     # (`learners.ewc.add_capped_penalty_grad_`); None: uncapped, lambda alone decides.
     ewc_max_share: float | None = 0.5
+    # How the penalty acts: "gradient", its gradient joins the task's before the optimizer (and
+    # ewc_max_share caps it); "decoupled", each weight is pulled toward its anchor after the
+    # optimizer's step, in proportion to its Fisher (`learners.ewc.pull_toward_anchor_`).
+    ewc_mode: Literal["gradient", "decoupled"] = "gradient"
     fisher_batches: int = 16
     # How replayed examples (those after the first ``TrainJob.n_taught``) are fitted: "ce", to
     # their tokens; "kl", to the starting model's next-token distribution along them (its
@@ -559,12 +563,15 @@ def train(
                 ewc.add_capped_penalty_grad_(
                     params, anchor, fisher, s.ewc_lambda, max_share=s.ewc_max_share
                 )
-                if fisher
+                if fisher and s.ewc_mode == "gradient"
                 else (None, 1.0)
             )
-            loss = task.detach() + penalty if penalty is not None else task.detach()
             torch.nn.utils.clip_grad_norm_(params.values(), s.max_grad_norm)
+            step_lr = float(opt.param_groups[0]["lr"])
             opt.step()
+            if fisher and s.ewc_mode == "decoupled":
+                penalty = ewc.pull_toward_anchor_(params, anchor, fisher, s.ewc_lambda, step_lr)
+            loss = task.detach() + penalty if penalty is not None else task.detach()
             sched.step()
             opt.zero_grad(set_to_none=True)
             n_tok = sum(len(r) for r in batch)

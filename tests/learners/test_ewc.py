@@ -20,6 +20,7 @@ from learners.ewc import (
     ewc_penalty,
     load_state,
     normalize_fisher,
+    pull_toward_anchor_,
     save_state,
 )
 
@@ -91,6 +92,47 @@ def test_capped_penalty_never_cancels_the_task_gradient() -> None:
         p.grad = -t(task)
         add_capped_penalty_grad_({"w": p}, {"w": t(ANCHOR)}, {"w": t(FISHER)}, lam, max_share=0.5)
         assert float(p.grad.norm()) >= 0.5 * 5.0 - 1e-4
+
+
+def test_decoupled_pull_by_hand() -> None:
+    """lam 0.5, lr 1: factors min(1, 0.5 F) = [[.5, .25, .125], [0, 1, .5]] times the
+    displacement [[0, 1, 2], [2, 3, 4]] come off theta; the value is the penalty before."""
+    p = weight()
+    value = pull_toward_anchor_({"w": p}, {"w": t(ANCHOR)}, {"w": t(FISHER)}, 0.5, 1.0)
+    assert_close(value, torch.tensor(8.875))
+    assert_close(p.detach(), t([[1.0, 1.75, 2.75], [4.0, 2.0, 4.0]]))
+    assert p.grad is None  # nothing else touched
+
+
+def test_decoupled_pull_never_crosses_the_anchor() -> None:
+    """However large lr * lam, a weight with a Fisher lands on its anchor and no further; a
+    weight without one (F = 0) stays where it is."""
+    for lr in (8.0, 1e3, 1e9):  # lr * lam * F >= 1 for every F > 0
+        p = weight()
+        pull_toward_anchor_({"w": p}, {"w": t(ANCHOR)}, {"w": t(FISHER)}, 0.5, lr)
+        assert_close(p.detach(), t([[1.0, 1.0, 1.0], [4.0, 2.0, 2.0]]))
+    with pytest.raises(ValueError, match="lr"):
+        pull_toward_anchor_({"w": weight()}, {"w": t(ANCHOR)}, {"w": t(FISHER)}, 0.5, -1.0)
+
+
+def test_under_adam_only_the_decoupled_pull_follows_the_fisher() -> None:
+    """Why "decoupled" exists. Two weights, both 1 from their anchor, Fisher 1 and 0.01, no
+    task gradient. Through the gradient, Adam's per-weight normalisation moves both by about
+    its learning rate: the Fisher is lost. Pulled after the step, they move 100 to 1."""
+    anchor, fisher = {"w": torch.zeros(2)}, {"w": t([1.0, 0.01])}
+    coupled = nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([coupled], lr=1e-3)
+    coupled.grad = torch.zeros(2)
+    add_capped_penalty_grad_({"w": coupled}, anchor, fisher, 10.0, max_share=None)
+    opt.step()
+    moved = 1.0 - coupled.detach()
+    assert_close(moved, torch.full((2,), 1e-3), rtol=1e-3, atol=1e-7)
+    decoupled = nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([decoupled], lr=1e-3)
+    decoupled.grad = torch.zeros(2)
+    opt.step()  # no task gradient: Adam leaves it
+    pull_toward_anchor_({"w": decoupled}, anchor, fisher, 10.0, 1e-3)
+    assert_close(1.0 - decoupled.detach(), t([1e-2, 1e-4]))
 
 
 def test_penalty_matches_autograd_of_the_formula_on_random_tensors() -> None:

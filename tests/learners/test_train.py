@@ -322,8 +322,8 @@ def test_replay_and_ewc_drift_less_from_the_base_on_held_out_prompts(
     held_out = sampled_answers(tiny_model, HELD_OUT, per_prompt=1, seed=2)
     settings = TrainSettings(**{**FAST.__dict__, "steps": 30, "learning_rate": 1e-2})
 
-    def drift(examples, lam: float, name: str, loss: str = "ce") -> float:  # type: ignore[no-untyped-def]
-        s = TrainSettings(**{**settings.__dict__, "ewc_lambda": lam, "replay_loss": loss})
+    def drift(examples, lam: float, name: str, mode: str = "gradient") -> float:  # type: ignore[no-untyped-def]
+        s = TrainSettings(**{**settings.__dict__, "ewc_lambda": lam, "ewc_mode": mode})
         r = train(
             TrainJob(
                 base_model=str(tiny_model),
@@ -344,10 +344,13 @@ def test_replay_and_ewc_drift_less_from_the_base_on_held_out_prompts(
     replayed = drift(FACTS + replay, 0.0, "replay")
     # EWC as shipped: its gradient capped at half the task gradient's length
     protected = drift(FACTS + replay, 1000.0, "protected")
+    # decoupled: pulled toward the anchor after each step, in proportion to the Fisher
+    pulled = drift(FACTS + replay, 1000.0, "pulled", mode="decoupled")
     assert plain > 0.01  # the plain run really moved the model (else the comparison is empty)
     # deterministic on the CPU (seeded): measured 0.0594, 0.0543, 0.0533
     assert replayed < plain * 0.97, (plain, replayed)
     assert protected < replayed, (replayed, protected)
+    assert pulled < replayed, (replayed, pulled)
     # Replay by distillation (the shipped replay.loss) is not compared here: on this random
     # model every next-token distribution is near uniform, so its top 32 hold a few percent of
     # the mass and the drift says nothing of a trained model's. Its fit is tested above
