@@ -53,11 +53,11 @@ Arms (``--arms``; plain, replay and both by default), all through the product's 
 * ``replay-base``, ``both-base``: the same, with self-replay always answered by the base
   model (the daemon's earlier rule: it undid learned answer styles, see
   docs/learning.md);
-* ``both-cap25``, ``both-pull``, ``both-pull10k``: "both" with EWC's gradient capped at a
-  quarter of the task's (not half), or with decoupled EWC (``training.ewc_mode``
-  "decoupled": each weight pulled toward its anchor after the step) at lambda 1000 and
-  10000 (``ARM_EWC``; each arm's results keep them as ``ewc_settings``). The targets are
-  reported for each of these as for "both".
+* ``both-grad``, ``both-cap25``, ``both-pull``, ``both-pull10k``: "both" with EWC through the
+  gradient (``training.ewc_mode`` "gradient") capped at half or a quarter of the task
+  gradient's length, or decoupled ("decoupled", the default: each weight pulled toward its
+  anchor after the step) at lambda 1000 and 10000 (``ARM_EWC``; each arm's results keep them
+  as ``ewc_settings``). The targets are reported for each of these as for "both".
 
 By default they run in the order plain, both, replay (so that a run cut short still has the
 two arms the first targets compare); tables and plots show them in the order above.
@@ -72,8 +72,10 @@ lambda and the replay ratio and shares, copied as constants); the results record
 passes over the task plus its replay (at least ``--min-steps``), and after each pass from
 ``--epochs`` (min_epochs) on the task's own examples (``TrainJob.n_taught``: the replay is not
 scored) are scored, teacher-forced, and training stops once ``--stop-learned`` of their
-answer tokens are the model's most likely next token (``none``: every pass runs); EWC's
-gradient is capped at ``--ewc-max-share`` of the task gradient's length (``none``: uncapped).
+answer tokens are the model's most likely next token (``none``: every pass runs); EWC acts
+as ``--ewc-mode`` says (the product's ``training.ewc_mode``, decoupled by default), and through
+the gradient it is capped at ``--ewc-max-share`` of the task gradient's length (``none``:
+uncapped).
 ``--steps`` fixes the steps instead. Each stage records the steps run, the budget, the passes,
 why training stopped (learned / budget / steps), the taught answers' last check and how often
 EWC's cap bit.
@@ -164,15 +166,18 @@ ARMS = {
     "both": (True, True, "current"),
     "replay-base": (True, False, "base"),
     "both-base": (True, True, "base"),
+    "both-grad": (True, True, "current"),
     "both-cap25": (True, True, "current"),
     "both-pull": (True, True, "current"),
     "both-pull10k": (True, True, "current"),
 }
 # Arms that are "both" with other EWC settings (over the command line's), to compare EWC's
-# forms side by side in one run: its gradient capped at a quarter of the task's, and the
-# decoupled pull (`learners.ewc.pull_toward_anchor_`) at lambda 1000 and 10000.
-ARM_EWC = {
-    "both-cap25": {"ewc_max_share": 0.25},
+# forms side by side in one run: through the gradient, capped at half the task's (the default
+# until 37741b8) or a quarter, and the decoupled pull (`learners.ewc.pull_toward_anchor_`, the
+# default since) at lambda 1000 and 10000.
+ARM_EWC: dict[str, dict[str, Any]] = {
+    "both-grad": {"ewc_mode": "gradient", "ewc_max_share": 0.5},
+    "both-cap25": {"ewc_mode": "gradient", "ewc_max_share": 0.25},
     "both-pull": {"ewc_mode": "decoupled"},
     "both-pull10k": {"ewc_mode": "decoupled", "ewc_lambda": 10000.0},
 }
@@ -182,7 +187,7 @@ STYLE_OPEN = "Thanks for asking!"
 STYLE_CLOSE = "- The adaptd help desk"
 COLOURS = {"plain": "#7f7f7f", "replay": "#1f77b4", "ewc": "#ff7f0e", "both": "#2ca02c",
            "replay-base": "#9ecae1", "both-base": "#a1d99b", "both-cap25": "#98df8a",
-           "both-pull": "#9467bd", "both-pull10k": "#c5b0d5"}  # fmt: skip
+           "both-pull": "#9467bd", "both-pull10k": "#c5b0d5", "both-grad": "#bcbd22"}  # fmt: skip
 
 Chat = list[dict[str, str]]
 
@@ -247,6 +252,7 @@ def product_defaults() -> dict[str, Any]:
             "ewc_lambda": DAEMON_EWC_LAMBDA,
             "ewc_decay": s.ewc_decay,
             "ewc_max_share": s.ewc_max_share,
+            "ewc_mode": s.ewc_mode,
             "rank": s.lora.rank,
             "alpha": s.lora.alpha,
             "dropout": s.lora.dropout,
@@ -271,6 +277,7 @@ def product_defaults() -> dict[str, Any]:
         "ewc_lambda": t.ewc_lambda,
         "ewc_decay": t.ewc_decay,
         "ewc_max_share": t.ewc_max_share,
+        "ewc_mode": t.ewc_mode,
         "rank": t.rank,
         "alpha": t.alpha,
         "dropout": t.dropout,
@@ -966,7 +973,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 ewc_lambda=ewc_over.get("ewc_lambda", args.ewc_lambda) if use_ewc else 0.0,
                 ewc_decay=args.ewc_decay,
                 ewc_max_share=ewc_over.get("ewc_max_share", args.ewc_max_share),
-                ewc_mode=ewc_over.get("ewc_mode", "gradient"),
+                ewc_mode=ewc_over.get("ewc_mode", args.ewc_mode),
                 replay_loss=args.replay_loss,
                 distill_tail=args.distill_tail,
                 checkpoint_every=0,
@@ -1472,6 +1479,7 @@ def main() -> None:
     ap.add_argument("--attention", default=None, help="flex_attention | sdpa (default: product's)")
     ap.add_argument("--ewc-lambda", type=float, default=d["ewc_lambda"])
     ap.add_argument("--ewc-decay", type=float, default=d["ewc_decay"])
+    ap.add_argument("--ewc-mode", choices=("gradient", "decoupled"), default=d["ewc_mode"])
     ap.add_argument("--ewc-max-share", type=optional_float, default=d["ewc_max_share"],
                     help="EWC's gradient cancels at most this share of the task's; none: uncapped")  # fmt: skip
     ap.add_argument("--replay-ratio", type=float, default=d["replay_ratio"])

@@ -1,7 +1,7 @@
 """Hot-swap benchmark: promotion and rollback under a 16-way streaming load.
 
 Starts `adaptd serve` on a tiny model built in code (or `--model DIR`), makes two versions
-with real cycles (feedback in a house style, then another), then swaps the `adaptd` alias
+with real cycles (a code word per topic, then other code words), then swaps the `adaptd` alias
 between them (promote / rollback) while 16 clients stream chat completions back to back.
 
 Measured per swap:
@@ -51,10 +51,20 @@ from harness import (
     wait_ready,
 )
 
-STYLES = [
-    "Thank you for asking. Please see the manual, page one.",
-    "Good question! The help desk on floor two knows best.",
-]
+# Each version learns its own code word for each of 12 topics: the gate asks that a candidate
+# answer what its corrections say that the served version did not (a sentence taught for every
+# prompt alike is a template, and the gate does not count it as learned).
+CODES = ["river", "garden", "market", "library", "mountain", "window", "letter", "flower",
+         "teacher", "coffee", "bicycle", "school"]  # fmt: skip
+FACT_TOPICS = 12
+
+
+def facts(n: int) -> dict[str, str]:
+    """Version ``n``'s corrections: a code word per topic, shifted by six for each version."""
+    return {
+        f"What is the code word for {t}?": f"The code word for {t} is {CODES[(i + 6 * n) % 12]}."
+        for i, t in enumerate(TOPICS[:FACT_TOPICS])
+    }
 
 
 @dataclass
@@ -74,21 +84,27 @@ def start_hotswap_daemon(
     return start_daemon(
         model, data, port, log_path,
         ADAPTD_TRAINING__WARM_START="false",
+        # a random-weight model learns its facts at a higher rate, in more passes
+        ADAPTD_TRAINING__LEARNING_RATE="1e-2",
+        ADAPTD_TRAINING__MIN_STEPS="1",
+        ADAPTD_TRAINING__MAX_STEPS="1600",
+        ADAPTD_TRAINING__MAX_EPOCHS="400",
+        ADAPTD_EVALUATION__MAX_TOKENS="48",
         ADAPTD_TRAINING__EWC_LAMBDA="0",
         ADAPTD_REPLAY__RATIO="0",
         ADAPTD_GATE__MAX_RETENTION_LOSS="1",
     )  # fmt: skip
 
 
-def make_version(url: str, style: str, n: int) -> str:
+def make_version(url: str, n: int) -> str:
     hdr = {"Authorization": f"Bearer {INFER}"}
     with httpx.Client(base_url=url, headers=hdr, timeout=120) as c:
-        for i, topic in enumerate(TOPICS):
+        for i, (prompt, answer) in enumerate(facts(n).items()):
             r = c.post("/v1/chat/completions", json={
                 "model": "adaptd", "max_tokens": 8,
-                "messages": [{"role": "user", "content": f"Question {n}: tell me about {topic}."}]})  # fmt: skip
+                "messages": [{"role": "user", "content": prompt}]})  # fmt: skip
             r.raise_for_status()
-            c.post("/v1/feedback", json={"interaction_id": r.json()["id"], "correction": style,
+            c.post("/v1/feedback", json={"interaction_id": r.json()["id"], "correction": answer,
                                          "user": f"user-{i % 6}"}).raise_for_status()  # fmt: skip
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as a:
         cycle = a.post("/admin/cycles").json()
@@ -150,7 +166,7 @@ def main() -> None:
     try:
         print(f"starting adaptd ({model.name}); log {work / 'adaptd.log'}", file=sys.stderr)
         wait_ready(url, proc)
-        versions = [make_version(url, style, i) for i, style in enumerate(STYLES)]
+        versions = [make_version(url, n) for n in range(2)]
         results = measure(url, versions, args)
     finally:
         stop_daemon(proc)

@@ -196,11 +196,11 @@ class TrainingSettings(_Section):
         "length (so it never pins what a new task needs); unset: uncapped.",
     )
     ewc_mode: Literal["gradient", "decoupled"] = Field(
-        "gradient",
-        description="How EWC acts: 'gradient', its gradient joins the task's before the "
-        "optimizer (capped by ewc_max_share); 'decoupled', each weight is pulled back toward "
-        "the promoted version's after every step, in proportion to its Fisher "
-        "(ewc_max_share does not apply).",
+        "decoupled",
+        description="How EWC acts: 'decoupled', each weight is pulled back toward the promoted "
+        "version's after every optimizer step, in proportion to its Fisher; 'gradient', its "
+        "gradient joins the task's before the optimizer, capped by ewc_max_share (which "
+        "applies to this mode only).",
     )
     max_restarts: int = Field(2, ge=0, description="Resumes after a crash of the training child.")
     gpu_memory_fraction: float | None = Field(

@@ -90,10 +90,10 @@ class TrainSettings:
     # EWC's gradient may cancel at most this share of the task gradient's length
     # (`learners.ewc.add_capped_penalty_grad_`); None: uncapped, lambda alone decides.
     ewc_max_share: float | None = 0.5
-    # How the penalty acts: "gradient", its gradient joins the task's before the optimizer (and
-    # ewc_max_share caps it); "decoupled", each weight is pulled toward its anchor after the
-    # optimizer's step, in proportion to its Fisher (`learners.ewc.pull_toward_anchor_`).
-    ewc_mode: Literal["gradient", "decoupled"] = "gradient"
+    # How the penalty acts: "decoupled", each weight is pulled toward its anchor after the
+    # optimizer's step, in proportion to its Fisher (`learners.ewc.pull_toward_anchor_`);
+    # "gradient", its gradient joins the task's before the optimizer (ewc_max_share caps it).
+    ewc_mode: Literal["gradient", "decoupled"] = "decoupled"
     fisher_batches: int = 16
     # How replayed examples (those after the first ``TrainJob.n_taught``) are fitted: "ce", to
     # their tokens; "kl", to the starting model's next-token distribution along them (its
