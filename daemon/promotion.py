@@ -8,12 +8,17 @@
 3. Probe: ask the version, greedy, the prompts on which evaluation saw the candidate's answer
    differ most from the base model's. Its answers must be nearer (ROUGE-L) to what the
    candidate answered at evaluation than to what the base model answered: an adapter that vLLM
-   silently ignores answers like the base model and fails here, before any user sees it.
+   silently ignores answers like the base model and fails here, before any user sees it. A
+   version that passed its probe and has stayed loaded since, from the same admitted file,
+   in the same vLLM (a restart forgets every probe), is not asked again: the answer would be
+   the same, and a rollback should not wait on generation under live traffic.
 4. Flip: one transaction appends the promotion to the history (append-only); the in-memory
    alias changes in the same event-loop step, so every request resolves to the old or the
    new version, never to nothing.
-5. Drain: the replaced version stays loaded until the requests that started on it finish
-   (or ``drain_timeout_s`` passes), then it is unloaded. Version folders are never deleted.
+5. Standby and drain: the replaced version stays loaded as the standby, so that rolling back
+   to it is steps 1 and 4 alone. The version it replaces as the standby is unloaded once the
+   requests that started on it finish (or ``drain_timeout_s`` passes). Version folders are
+   never deleted.
 
 Rollback is the same path with the target taken from the history. A promotion that fails at
 any step (refused, probe failed, vLLM gone, the history not written) leaves the alias where it
@@ -79,6 +84,8 @@ class Engine(Backend, Protocol):
 
     async def load_adapter(self, name: str, path: str) -> None: ...
     async def unload_adapter(self, name: str) -> None: ...
+    @property
+    def loaded_adapters(self) -> dict[str, str]: ...
 
 
 class Drainer(Protocol):
@@ -155,6 +162,10 @@ class Promoter:
         self.base_model = base_model
         self.max_rank = max_rank
         self.promoted: str | None = reader.promoted_version()
+        # the replaced version, kept loaded for a rollback without a load or a probe
+        self.standby: str | None = None
+        # version -> the admitted folder its passed probe was asked of, while it stays loaded
+        self._probed: dict[str, Path] = {}
         self._lock = asyncio.Lock()
         self._drains: set[asyncio.Task[None]] = set()
 
@@ -229,24 +240,38 @@ class Promoter:
         t0 = time.perf_counter()
         async with self._lock:
             probe = None
+            warm = False
             if version is not None:
                 path = self.admit(version)
-                await self.engine.load_adapter(version, str(path))
+                warm = self._probed.get(version) == path and self.engine.loaded_adapters.get(
+                    version
+                ) == str(path)
+                if not warm:
+                    await self.engine.load_adapter(version, str(path))
             try:
                 if version is not None:
                     if SWAP_PAUSE:
                         log.warning("fault injection: pausing %.1f s in a swap", SWAP_PAUSE)
                         await asyncio.sleep(SWAP_PAUSE)
-                    probe = await self.probe(version, path)
-                    if not probe.passed:
-                        raise PromotionError(f"version {version} failed its probe: {probe.detail}")
+                    if warm:
+                        probe = ProbeResult(
+                            True, "passed before and loaded since, from the same admitted file"
+                        )
+                    else:
+                        probe = await self.probe(version, path)
+                        if not probe.passed:
+                            raise PromotionError(
+                                f"version {version} failed its probe: {probe.detail}"
+                            )
+                        self._probed[version] = path
                 promotion = await self.writer.call(
                     lambda s: s.record_promotion(action, version, actor=actor, reason=reason)
                 )
             except BaseException:
                 # Not promoted: the alias stays; the version loaded for this try goes (when
                 # vLLM is down this fails, and its restart vets the version again).
-                if version is not None and version != self.promoted:
+                if version is not None and version not in (self.promoted, self.standby):
+                    self._probed.pop(version, None)
                     with contextlib.suppress(Exception):
                         await self.engine.unload_adapter(version)
                 raise
@@ -258,8 +283,11 @@ class Promoter:
                 "%s: adaptd now serves %s (was %s) by %s",
                 action, version or "base", old or "base", actor,
             )  # fmt: skip
-            if old is not None and old != version:
-                task = asyncio.create_task(self._drain_and_unload(old), name=f"drain-{old}")
+            # The replaced version becomes the standby; the standby it replaces goes, once
+            # its requests (if any: it may have served before) have drained.
+            gone, self.standby = self.standby, (old if old != version else self.standby)
+            if gone is not None and gone not in (self.standby, version):
+                task = asyncio.create_task(self._drain_and_unload(gone), name=f"drain-{gone}")
                 self._drains.add(task)
                 task.add_done_callback(self._drains.discard)
         return Promoted(promotion, probe, time.perf_counter() - t0)
@@ -296,6 +324,9 @@ class Promoter:
         """
         when = "after vLLM restarted" if restarted else "at start-up"
         async with self._lock:
+            # A (re)started vLLM holds none of the adapters that were probed, nor the standby.
+            self._probed.clear()
+            self.standby = None
             tried: list[str] = []
             candidates = [self.promoted] + [p.previous for p in reversed(self.reader.promotions())]
             for version in dict.fromkeys(candidates):  # in order, without repeats
@@ -327,8 +358,9 @@ class Promoter:
         if not drained:
             log.warning("version %s still had requests after %.0f s", version, self.drain_timeout_s)
         async with self._lock:
-            if version == self.promoted:
-                return  # promoted again meanwhile
+            if version in (self.promoted, self.standby):
+                return  # promoted again meanwhile, or the standby again
+            self._probed.pop(version, None)
             try:
                 await self.engine.unload_adapter(version)
                 log.info("version %s unloaded after its requests drained", version)

@@ -39,17 +39,26 @@ class FakeEngine:
         self.lp = {"base": BASE}  # what each model answers; unknown models answer as the base
         self.calls: list[tuple[str, str]] = []
         self.loaded: set[str] = set()
+        self.paths: dict[str, str] = {}
+        self.asked: list[str] = []  # the models generate() was asked of
 
     async def load_adapter(self, name: str, path: str) -> None:
         self.calls.append(("load", name))
         self.loaded.add(name)
+        self.paths[name] = path
 
     async def unload_adapter(self, name: str) -> None:
         self.calls.append(("unload", name))
         self.loaded.discard(name)
+        self.paths.pop(name, None)
+
+    @property
+    def loaded_adapters(self) -> dict[str, str]:
+        return dict(self.paths)
 
     async def generate(self, messages: object, *, model: str = "base", **kw: object) -> Gen:
         assert kw["temperature"] == 0.0 and kw["max_tokens"] == 8
+        self.asked.append(model)
         return Gen(self.lp.get(model, self.lp["base"]))  # an ignored adapter answers as the base
 
 
@@ -166,7 +175,74 @@ def test_admission_refuses_changed_or_non_finite_files(env: tuple[Path, Store, W
     assert nan.exists()
 
 
-def test_old_version_is_unloaded_only_after_its_requests_drain(
+def test_the_replaced_version_stays_as_standby_and_the_one_before_goes_once_drained(
+    env: tuple[Path, Store, Writer],
+) -> None:
+    data, _reader, writer = env
+    for v in ("v0001", "v0002", "v0003"):
+        make_version(data, writer, v)
+    eng = FakeEngine()
+    eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE, v0003=CANDIDATE)
+    gw = FakeGateway()
+    p = promoter(env, eng, gw)
+
+    async def scenario() -> None:
+        await p.promote("v0001", actor="t", reason="")
+        await p.promote("v0002", actor="t", reason="")
+        await p.wait_drained()
+        assert p.standby == "v0001" and eng.loaded == {"v0001", "v0002"}
+        gw.inflight["v0001"] = 2  # two requests still streaming from v0001
+        await p.promote("v0003", actor="t", reason="")
+        await asyncio.sleep(0.1)
+        assert p.standby == "v0002" and "v0001" in eng.loaded  # not before its requests end
+        gw.inflight["v0001"] = 0
+        await p.wait_drained()
+        assert eng.loaded == {"v0002", "v0003"}
+
+    asyncio.run(scenario())
+
+
+def test_a_rollback_to_the_standby_neither_loads_nor_probes_again(
+    env: tuple[Path, Store, Writer],
+) -> None:
+    data, reader, writer = env
+    for v in ("v0001", "v0002"):
+        make_version(data, writer, v)
+    eng = FakeEngine()
+    eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE)
+    p = promoter(env, eng, FakeGateway())
+
+    async def scenario() -> None:
+        await p.promote("v0001", actor="t", reason="")
+        await p.promote("v0002", actor="t", reason="")
+        assert eng.asked == ["v0001", "v0002"]
+        eng.calls.clear()
+        back = await p.rollback(None, actor="t", reason="")
+        again = await p.promote("v0002", actor="t", reason="")
+        await p.wait_drained()
+        assert p.promoted == "v0002" and p.standby == "v0001"
+        assert eng.calls == [] and eng.asked == ["v0001", "v0002"]  # no load, no probe
+        assert back.probe is not None and back.probe.passed and "passed before" in back.probe.detail
+        assert again.probe is not None and again.probe.passed
+        # a restarted vLLM holds nothing that was probed: the next swap loads and probes again
+        eng.paths.clear()
+        eng.loaded.clear()
+        await p.reconcile(restarted=True)
+        assert p.standby is None
+        await p.rollback(None, actor="t", reason="")
+        assert ("load", "v0001") in eng.calls and eng.asked[-1] == "v0001"
+
+    asyncio.run(scenario())
+    assert [h.action for h in reader.promotions()] == [
+        "promote",
+        "promote",
+        "rollback",
+        "promote",
+        "rollback",
+    ]
+
+
+def test_an_admitted_file_that_changed_is_refused_even_for_the_standby(
     env: tuple[Path, Store, Writer],
 ) -> None:
     data, _reader, writer = env
@@ -174,18 +250,17 @@ def test_old_version_is_unloaded_only_after_its_requests_drain(
     make_version(data, writer, "v0002")
     eng = FakeEngine()
     eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE)
-    gw = FakeGateway()
-    p = promoter(env, eng, gw)
+    p = promoter(env, eng, FakeGateway())
 
     async def scenario() -> None:
         await p.promote("v0001", actor="t", reason="")
-        gw.inflight["v0001"] = 2  # two requests still streaming from v0001
         await p.promote("v0002", actor="t", reason="")
-        await asyncio.sleep(0.1)
-        assert "v0001" in eng.loaded and p.promoted == "v0002"
-        gw.inflight["v0001"] = 0
-        await p.wait_drained()
-        assert "v0001" not in eng.loaded and "v0002" in eng.loaded
+        save_file(
+            {"w": torch.full((2, 3), 0.7)}, str(data / "adapters/v0001/adapter_model.safetensors")
+        )
+        with pytest.raises(PromotionError, match="sha256"):
+            await p.rollback(None, actor="t", reason="")
+        assert p.promoted == "v0002"
 
     asyncio.run(scenario())
 
