@@ -112,6 +112,16 @@ def promoter(env: tuple[Path, Store, Writer], engine: FakeEngine, gw: FakeGatewa
     )  # fmt: skip
 
 
+def two_versions(env: tuple[Path, Store, Writer]) -> tuple[FakeEngine, Promoter]:
+    """v0001 and v0002, both answering as their evaluated candidate did."""
+    data, _reader, writer = env
+    for v in ("v0001", "v0002"):
+        make_version(data, writer, v)
+    eng = FakeEngine()
+    eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE)
+    return eng, promoter(env, eng, FakeGateway())
+
+
 @pytest.mark.parametrize(
     ("answer", "passed"),
     [
@@ -205,12 +215,8 @@ def test_the_replaced_version_stays_as_standby_and_the_one_before_goes_once_drai
 def test_a_rollback_to_the_standby_neither_loads_nor_probes_again(
     env: tuple[Path, Store, Writer],
 ) -> None:
-    data, reader, writer = env
-    for v in ("v0001", "v0002"):
-        make_version(data, writer, v)
-    eng = FakeEngine()
-    eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE)
-    p = promoter(env, eng, FakeGateway())
+    _data, reader, _writer = env
+    eng, p = two_versions(env)
 
     async def scenario() -> None:
         await p.promote("v0001", actor="t", reason="")
@@ -245,12 +251,8 @@ def test_a_rollback_to_the_standby_neither_loads_nor_probes_again(
 def test_an_admitted_file_that_changed_is_refused_even_for_the_standby(
     env: tuple[Path, Store, Writer],
 ) -> None:
-    data, _reader, writer = env
-    make_version(data, writer, "v0001")
-    make_version(data, writer, "v0002")
-    eng = FakeEngine()
-    eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE)
-    p = promoter(env, eng, FakeGateway())
+    data, _reader, _writer = env
+    _eng, p = two_versions(env)
 
     async def scenario() -> None:
         await p.promote("v0001", actor="t", reason="")
@@ -268,12 +270,8 @@ def test_an_admitted_file_that_changed_is_refused_even_for_the_standby(
 def test_rollback_goes_back_through_the_append_only_history(
     env: tuple[Path, Store, Writer],
 ) -> None:
-    data, reader, writer = env
-    for v in ("v0001", "v0002"):
-        make_version(data, writer, v)
-    eng = FakeEngine()
-    eng.lp.update(v0001=CANDIDATE, v0002=CANDIDATE)
-    p = promoter(env, eng, FakeGateway())
+    _data, reader, writer = env
+    _eng, p = two_versions(env)
 
     async def scenario() -> None:
         await p.promote("v0001", actor="t", reason="")
