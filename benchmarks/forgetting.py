@@ -58,6 +58,10 @@ Arms (``--arms``; plain, replay and both by default), all through the product's 
   gradient's length, or decoupled ("decoupled", the default: each weight pulled toward its
   anchor after the step) at lambda 1000 and 10000 (``ARM_EWC``; each arm's results keep them
   as ``ewc_settings``). The targets are reported for each of these as for "both".
+* ``replay-r1``, ``both-r1``, ``both-r1-10k``: replay at one replayed example per new one
+  (``ARM_REPLAY_RATIO``, kept as the arm's ``replay_ratio``) instead of ``--replay-ratio``, alone
+  and with decoupled EWC at lambda 1000 and 10000: does EWC let a cycle replay less? Their
+  targets compare them with ``replay-r1`` (``REPLAY_PEER``), the replay arm of the same ratio.
 
 By default they run in the order plain, both, replay (so that a run cut short still has the
 two arms the first targets compare); tables and plots show them in the order above.
@@ -170,6 +174,9 @@ ARMS = {
     "both-cap25": (True, True, "current"),
     "both-pull": (True, True, "current"),
     "both-pull10k": (True, True, "current"),
+    "replay-r1": (True, False, "current"),
+    "both-r1": (True, True, "current"),
+    "both-r1-10k": (True, True, "current"),
 }
 # Arms that are "both" with other EWC settings (over the command line's), to compare EWC's
 # forms side by side in one run: through the gradient, capped at half the task's (the default
@@ -180,14 +187,22 @@ ARM_EWC: dict[str, dict[str, Any]] = {
     "both-cap25": {"ewc_mode": "gradient", "ewc_max_share": 0.25},
     "both-pull": {"ewc_mode": "decoupled"},
     "both-pull10k": {"ewc_mode": "decoupled", "ewc_lambda": 10000.0},
+    "both-r1": {"ewc_mode": "decoupled"},
+    "both-r1-10k": {"ewc_mode": "decoupled", "ewc_lambda": 10000.0},
 }
+# Arms that replay one example per new one instead of the run's ``--replay-ratio`` (3 as
+# shipped), to see whether EWC lets a cycle replay less: each "both" arm of them is compared
+# with the replay arm of the same ratio (`REPLAY_PEER`), not with "replay".
+ARM_REPLAY_RATIO: dict[str, float] = {"replay-r1": 1.0, "both-r1": 1.0, "both-r1-10k": 1.0}
+REPLAY_PEER = {"both-r1": "replay-r1", "both-r1-10k": "replay-r1"}
 # The daemon's replay shares (`daemon.config.ReplaySettings`), set by `product_defaults()`.
 REPLAY_SHARES = {"general": 0.3, "self": 0.4, "past": 0.3}
 STYLE_OPEN = "Thanks for asking!"
 STYLE_CLOSE = "- The adaptd help desk"
 COLOURS = {"plain": "#7f7f7f", "replay": "#1f77b4", "ewc": "#ff7f0e", "both": "#2ca02c",
            "replay-base": "#9ecae1", "both-base": "#a1d99b", "both-cap25": "#98df8a",
-           "both-pull": "#9467bd", "both-pull10k": "#c5b0d5", "both-grad": "#bcbd22"}  # fmt: skip
+           "both-pull": "#9467bd", "both-pull10k": "#c5b0d5", "both-grad": "#bcbd22",
+           "replay-r1": "#17becf", "both-r1": "#d62728", "both-r1-10k": "#ff9896"}  # fmt: skip
 
 Chat = list[dict[str, str]]
 
@@ -939,6 +954,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     for arm in args.arms:
         use_replay, use_ewc, self_from = ARMS[arm]
         ewc_over: dict[str, Any] = ARM_EWC.get(arm, {})
+        ratio = ARM_REPLAY_RATIO.get(arm, args.replay_ratio)
         t_arm = time.perf_counter()
         own = self_replay  # before the first task the model is the base model
         warm: Path | None = None
@@ -953,7 +969,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 replayed = replay_lib.mix(
                     {"general": general_replay, "self": own, "past": reservoir},
                     REPLAY_SHARES,
-                    round(args.replay_ratio * len(task.train)),
+                    round(ratio * len(task.train)),
                     rng,
                 )
             settings = TrainSettings(
@@ -1040,6 +1056,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         results["arms"][arm] = {"stages": stages, "wall_s": round(time.perf_counter() - t_arm, 1)}
         if ewc_over:  # the arm's own EWC settings, over the run's
             results["arms"][arm]["ewc_settings"] = ewc_over
+        if arm in ARM_REPLAY_RATIO:  # likewise the arm's own replay ratio
+            results["arms"][arm]["replay_ratio"] = ratio
         results["wall_s"] = round(time.perf_counter() - started, 1)
         summarise(results)
         write_outputs(results, out)  # after every arm: a run cut short keeps what it measured
@@ -1109,9 +1127,12 @@ def summarise(results: dict[str, Any]) -> None:
     for a in results["arms"].values():
         g = a["metrics"]["task_gain"]
         a["metrics"]["gain_ratio"] = g / plain if plain else None
-    replay = results["arms"].get("replay", {}).get("metrics")
     by_arm = {
-        arm: targets(a["metrics"], replay, plain)
+        arm: targets(
+            a["metrics"],
+            results["arms"].get(REPLAY_PEER.get(arm, "replay"), {}).get("metrics"),
+            plain,
+        )
         for arm, a in ordered(results["arms"]).items()
         if arm == "both" or arm in ARM_EWC
     }
@@ -1150,12 +1171,20 @@ def targets(
         higher_bwt = (
             both["bwt"] is not None and replay["bwt"] is not None and both["bwt"] > replay["bwt"]
         )
+        # reported beside the target, not part of it: BWT on the held-out answers' NLL, which
+        # moves with every token instead of one item's 1.6-2 points
+        higher_bwt_nll = (
+            both.get("bwt_nll") is not None
+            and replay.get("bwt_nll") is not None
+            and both["bwt_nll"] > replay["bwt_nll"]
+        )
         out["forgets_less_than_replay_at_same_gain"] = same_gain and (less_general or higher_bwt)
         out["vs_replay"] = {
             "same_gain": same_gain,
             "gain_difference": both["task_gain"] - replay["task_gain"],
             "lower_general_nll_change": less_general,
             "higher_bwt": higher_bwt,
+            "higher_bwt_nll": higher_bwt_nll,
         }
     out["all_met"] = all(out[k] is True for k in TARGET_KEYS)
     return out
@@ -1232,7 +1261,10 @@ def print_table(results: dict[str, Any]) -> None:
         return "not run" if v is None else ("met" if v else "missed")
 
     for arm, t in results.get("targets_by_arm", {}).items():
-        form = ", ".join(f"{k} {v}" for k, v in ARM_EWC.get(arm, {}).items()) or "as shipped"
+        over = dict(ARM_EWC.get(arm, {}))
+        if "replay_ratio" in results["arms"][arm]:
+            over["replay_ratio"] = results["arms"][arm]["replay_ratio"]
+        form = ", ".join(f"{k} {v}" for k, v in over.items()) or "as shipped"
         print(
             f"\ntargets ({arm}: replay + EWC, {form}): "
             f"gain >= {100 * GAIN_RATIO_TARGET:.0f} % of plain: "
@@ -1244,10 +1276,11 @@ def print_table(results: dict[str, Any]) -> None:
         if "vs_replay" in t:
             v = t["vs_replay"]
             print(
-                f"  vs replay: gain {v['gain_difference']:+.1f} points (same gain: "
+                f"  vs {REPLAY_PEER.get(arm, 'replay')}: gain {v['gain_difference']:+.1f} points (same gain: "
                 f"{'yes' if v['same_gain'] else 'no'}, slack {SAME_GAIN_SLACK:.0%} of plain's); "
                 f"lower general NLL change: {'yes' if v['lower_general_nll_change'] else 'no'}; "
-                f"higher BWT: {'yes' if v['higher_bwt'] else 'no'}"
+                f"higher BWT: {'yes' if v['higher_bwt'] else 'no'} (on answer NLL: "
+                f"{'yes' if v.get('higher_bwt_nll') else 'no'})"
             )
 
 
