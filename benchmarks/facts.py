@@ -247,7 +247,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         pool = pools[n_self]
         replayed = replay_lib.mix(
-            {"self": pool}, {"self": 1.0}, round(ratio * len(taught)), random.Random(args.seed)
+            {"self": pool},
+            {"self": 1.0},
+            replay_lib.replay_total(len(taught), ratio, shipped["replay_min"]),
+            random.Random(args.seed),
         )
         job = TrainJob(
             base_model=str(model_dir),

@@ -237,7 +237,8 @@ def log(msg: str) -> None:
 # `daemon.config.ReplaySettings` (ratio, shares, reservoir_size).
 DAEMON_EWC_LAMBDA = 1000.0
 DAEMON_REPLAY: dict[str, Any] = {
-    "ratio": 3.0, "general": 0.3, "self": 0.4, "past": 0.3, "reservoir": 2000, "loss": "kl"
+    "ratio": 1.0, "min": 64, "general": 0.3, "self": 0.4, "past": 0.3, "reservoir": 2000,
+    "loss": "kl",
 }  # fmt: skip
 
 
@@ -272,6 +273,7 @@ def product_defaults() -> dict[str, Any]:
             "alpha": s.lora.alpha,
             "dropout": s.lora.dropout,
             "replay_ratio": DAEMON_REPLAY["ratio"],
+            "replay_min": DAEMON_REPLAY["min"],
             "replay_shares": {k: DAEMON_REPLAY[k] for k in ("general", "self", "past")},
             "reservoir": DAEMON_REPLAY["reservoir"],
         }
@@ -297,6 +299,7 @@ def product_defaults() -> dict[str, Any]:
         "alpha": t.alpha,
         "dropout": t.dropout,
         "replay_ratio": r.ratio,
+        "replay_min": r.min_examples,
         "replay_shares": {"general": r.general_share, "self": r.self_share, "past": r.past_share},
         "reservoir": r.reservoir_size,
     }
@@ -893,7 +896,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                     frozenset(k for x in d["train"] + d["heldout"] for k in x["keys"]),
                 )
             )
-    n_self = round(args.replay_ratio * n) + 8  # enough for any share of the replay
+    # enough for any share of any arm's replay
+    n_self = replay_lib.replay_total(n, max([args.replay_ratio, *ARM_REPLAY_RATIO.values()]),
+                                     args.replay_min) + 8  # fmt: skip
     self_prompts = data["self_prompts"][:n_self]
 
     def self_answers(model: Any, seed: int) -> list[Chat]:
@@ -969,7 +974,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 replayed = replay_lib.mix(
                     {"general": general_replay, "self": own, "past": reservoir},
                     REPLAY_SHARES,
-                    round(ratio * len(task.train)),
+                    replay_lib.replay_total(len(task.train), ratio, args.replay_min),
                     rng,
                 )
             settings = TrainSettings(
@@ -1516,6 +1521,8 @@ def main() -> None:
     ap.add_argument("--ewc-max-share", type=optional_float, default=d["ewc_max_share"],
                     help="EWC's gradient cancels at most this share of the task's; none: uncapped")  # fmt: skip
     ap.add_argument("--replay-ratio", type=float, default=d["replay_ratio"])
+    ap.add_argument("--replay-min", type=int, default=d["replay_min"],
+                    help="at least this many replayed examples per task (replay.min_examples)")  # fmt: skip
     ap.add_argument("--reservoir", type=int, default=d["reservoir"])
     ap.add_argument("--answer-tokens", type=int, default=48, help="length of style answers")
     ap.add_argument("--self-tokens", type=int, default=64, help="length of self-replay answers")

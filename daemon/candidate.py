@@ -165,10 +165,8 @@ async def build_replay(
         if cfg.general_path
         else []
     )
-    prompts = self_replay_prompts(
-        store, cfg.prompts_path, limit=max(1, round(cfg.ratio * n_new)), rng=rng
-    )
-    total = round(cfg.ratio * n_new)
+    total = replay_lib.replay_total(n_new, cfg.ratio, cfg.min_examples)
+    prompts = self_replay_prompts(store, cfg.prompts_path, limit=max(1, total), rng=rng)
     counts = _shares(
         cfg, {"general": bool(general), "self": bool(prompts), "past": bool(past)}, total
     )

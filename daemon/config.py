@@ -214,7 +214,18 @@ class TrainingSettings(_Section):
 
 
 class ReplaySettings(_Section):
-    ratio: float = Field(3.0, ge=0, description="Replayed examples per new example.")
+    ratio: float = Field(
+        1.0,
+        ge=0,
+        description="Replayed examples per new example (0 turns replay off); with EWC, one "
+        "forgets less than three without it at half the training (docs/benchmarks.md).",
+    )
+    min_examples: int = Field(
+        64,
+        ge=0,
+        description="At least this many replayed examples in a cycle that replays: a small "
+        "cycle's few, seen every pass, would be memorised.",
+    )
     loss: Literal["kl", "ce"] = Field(
         "kl",
         description="How replayed answers are fitted: kl, to the served version's next-token "

@@ -149,7 +149,8 @@ def plan(short: bool) -> Plan:
         "min_steps": 20,
         "max_steps": 60,
     }
-    replay: dict[str, Any] = {"ratio": 0.5, "self_max_tokens": 48}
+    # half as many replayed as new examples, so no floor (replay.min_examples) over that
+    replay: dict[str, Any] = {"ratio": 0.5, "min_examples": 0, "self_max_tokens": 48}
     evaluation: dict[str, Any] = {"max_tokens": 32, "bootstrap_resamples": 1000}
     if short:
         training.update(min_epochs=3, min_steps=8, max_steps=12)

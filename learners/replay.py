@@ -13,9 +13,31 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["mix", "reservoir_update"]
+__all__ = ["mix", "replay_total", "reservoir_update"]
 
 T = TypeVar("T")
+
+
+def replay_total(n_new: int, ratio: float, floor: int = 0) -> int:
+    """How many replayed examples go beside ``n_new`` new ones: ``ratio`` per new example, and
+    at least ``floor``; none where ``ratio`` is 0 (replay off) or nothing is new.
+
+    The floor is for small cycles: a dozen corrections trained over many passes see the same
+    few replayed answers each pass and memorise them, which moves the model as much as the
+    corrections do; a large cycle's ``ratio * n_new`` is already a set too large to memorise.
+
+    Raises ``ValueError`` for a negative ``n_new`` or ``floor``, or a negative or non-finite
+    ``ratio``.
+    """
+    if n_new < 0:
+        raise ValueError(f"n_new must be >= 0, got {n_new}")
+    if not (math.isfinite(ratio) and ratio >= 0):
+        raise ValueError(f"ratio must be finite and >= 0, got {ratio!r}")
+    if floor < 0:
+        raise ValueError(f"floor must be >= 0, got {floor}")
+    if ratio == 0 or n_new == 0:
+        return 0
+    return max(floor, round(ratio * n_new))
 
 
 def reservoir_update(

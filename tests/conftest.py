@@ -102,6 +102,7 @@ def daemon_env(**extra: str) -> dict[str, str]:
         ADAPTD_TRAINING__MIN_STEPS="30",
         ADAPTD_TRAINING__MAX_STEPS="40",
         ADAPTD_REPLAY__RATIO="0.5",
+        ADAPTD_REPLAY__MIN_EXAMPLES="0",  # small cycles replay half their size, for speed
         ADAPTD_REPLAY__SELF_MAX_TOKENS="16",
         ADAPTD_EVALUATION__MAX_TOKENS="24",
         ADAPTD_EVALUATION__BOOTSTRAP_RESAMPLES="500",

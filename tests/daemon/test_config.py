@@ -274,7 +274,7 @@ def test_the_shipped_training_recipe_reaches_the_trainer(monkeypatch: pytest.Mon
     s = load_settings()
     t = train_settings(s.training, s.replay)
     assert (t.replay_loss, t.stop_learned, t.learning_rate) == ("kl", 0.9, 1e-3)
-    assert s.replay.ratio == 3.0
+    assert (s.replay.ratio, s.replay.min_examples) == (1.0, 64)
     monkeypatch.setenv("ADAPTD_REPLAY__LOSS", "ce")
     monkeypatch.setenv("ADAPTD_TRAINING__STOP_LEARNED", "0.75")
     s = load_settings()

@@ -85,7 +85,7 @@ def inputs(daemon: RunningDaemon, tiny_model: Path, **kw: Any) -> CandidateInput
 
     return CandidateInputs(
         store=store, data_dir=daemon.data_dir, base_model=str(tiny_model), promoted=None,
-        generate=generate, training=FAST, replay=ReplaySettings(ratio=0.5),
+        generate=generate, training=FAST, replay=ReplaySettings(ratio=0.5, min_examples=0),
         curation=CurationConfig(holdout_fraction=0.2), **kw,
     )  # fmt: skip
 

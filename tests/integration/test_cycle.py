@@ -31,6 +31,8 @@ from conftest import (
     inference_headers,
 )
 
+from daemon.config import ReplaySettings
+
 pytestmark = pytest.mark.vllm
 
 HOUSE = "Thank you for asking. Please see the manual, page one."
@@ -393,7 +395,9 @@ def third(second: RunningDaemon, tmp_path_factory: pytest.TempPathFactory) -> Ru
     second.use(
         tmp_path_factory.mktemp("third") / "data",
         {
-            "ADAPTD_REPLAY__RATIO": "3",
+            # as shipped, over the suite's small-cycle replay (tests/conftest.py)
+            "ADAPTD_REPLAY__RATIO": str(ReplaySettings().ratio),
+            "ADAPTD_REPLAY__MIN_EXAMPLES": str(ReplaySettings().min_examples),
             "ADAPTD_TRAINING__LEARNING_RATE": "1e-2",
             "ADAPTD_TRAINING__MIN_STEPS": "1",
             "ADAPTD_TRAINING__MAX_STEPS": "1600",

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learners.replay import mix, reservoir_update
+from learners.replay import mix, replay_total, reservoir_update
 
 capacities = st.integers(min_value=0, max_value=20)
 stream_lengths = st.integers(min_value=0, max_value=80)
@@ -208,3 +208,15 @@ def test_mix_errors_name_the_problem(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         mix(sources, ratios, total, random.Random(6))
+
+
+def test_replay_total_is_the_ratio_with_a_floor_for_small_cycles() -> None:
+    assert replay_total(200, 1.0, 64) == 200  # a large cycle: one per new example
+    assert replay_total(12, 1.0, 64) == 64  # a dozen corrections: the floor
+    assert replay_total(12, 3.0, 0) == 36
+    assert replay_total(5, 0.5, 0) == 2  # rounds half to even, as round() does
+    assert replay_total(12, 0.0, 64) == 0  # replay off: no floor
+    assert replay_total(0, 1.0, 64) == 0  # nothing new, nothing replayed
+    for bad in ((-1, 1.0, 0), (3, -0.5, 0), (3, math.inf, 0), (3, math.nan, 0), (3, 1.0, -1)):
+        with pytest.raises(ValueError):
+            replay_total(*bad)
