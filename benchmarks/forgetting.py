@@ -139,7 +139,7 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -1411,6 +1411,73 @@ def write_svg(results: dict[str, Any], path: Path) -> None:
     path.write_text(svg)
 
 
+def write_summary_svg(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
+    """One column per run, a dot per arm: BWT (points) on the left panel, general NLL change
+    (%) on the right, each with its target as a dashed line. Plain LoRA is left out (it forgets
+    tens of points, off any scale that shows the others apart); the tables have it."""
+    arms = [a for a in ARMS if a != "plain" and any(a in r["arms"] for _, r in runs)]
+    pw, h, top, left = 480.0, 260.0, 40.0, 50.0
+    body: list[str] = []
+    for k, (title, key, target) in enumerate(
+        (("BWT (points)", "bwt", BWT_TARGET),
+         ("general NLL vs base (%)", "general_nll_change_pct", GENERAL_TARGET))
+    ):  # fmt: skip
+        x0 = k * pw + left
+        vals = [r["arms"][a]["metrics"][key] for _, r in runs for a in arms if a in r["arms"]]
+        lo, hi = min([*vals, target, 0.0]), max([*vals, target, 0.0])
+        pad = 0.05 * (hi - lo or 1.0)
+        lo, hi = lo - pad, hi + pad
+
+        def y(v: float, lo: float = lo, hi: float = hi) -> float:
+            return top + h - (v - lo) / (hi - lo) * h
+
+        cw = (pw - left - 20) / len(runs)
+        body.append(_text(x0 + (pw - left) / 2, top - 12, title, extra=' font-size="13"'))
+        body.append(
+            f'<rect x="{x0:.1f}" y="{top:.1f}" width="{pw - left - 20:.1f}" height="{h:.1f}" '
+            'fill="none" stroke="#ccc"/>'
+        )
+        for tick in (lo + pad, target, hi - pad):
+            body.append(_text(x0 - 4, y(tick) + 4, f"{tick:+.1f}", "end"))
+        body.append(
+            f'<line x1="{x0:.1f}" x2="{x0 + pw - left - 20:.1f}" y1="{y(0.0):.1f}" '
+            f'y2="{y(0.0):.1f}" stroke="#bbb"/>'
+        )
+        body.append(
+            f'<line x1="{x0:.1f}" x2="{x0 + pw - left - 20:.1f}" y1="{y(target):.1f}" '
+            f'y2="{y(target):.1f}" stroke="#d62728" stroke-dasharray="4 3"/>'
+        )
+        for i, (_, r) in enumerate(runs):
+            cx = x0 + (i + 0.5) * cw
+            first = r["tasks"][0]["name"]  # the order, by its first task, and the seed
+            body.append(_text(cx, top + h + 14, first, extra=' font-size="10"'))
+            body.append(
+                _text(cx, top + h + 26, f"first, s{r['settings']['seed']}", extra=' font-size="10"')
+            )
+            for j, arm in enumerate(arms):
+                if arm not in r["arms"]:
+                    continue
+                v = r["arms"][arm]["metrics"][key]
+                dx = (j - (len(arms) - 1) / 2) * min(8.0, cw / (len(arms) + 1))
+                body.append(
+                    f'<circle cx="{cx + dx:.1f}" cy="{y(v):.1f}" r="4" '
+                    f'fill="{COLOURS.get(arm, "#999")}"><title>{_esc(arm)}: {v:+.2f}</title></circle>'
+                )
+    ly = top + h + 40
+    for k, arm in enumerate(arms):
+        body.append(
+            f'<rect x="{left + 110 * k}" y="{ly}" width="12" height="12" '
+            f'fill="{COLOURS.get(arm, "#999")}"/>'
+        )
+        body.append(_text(left + 16 + 110 * k, ly + 11, arm, "start"))
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * pw:.0f}" height="{ly + 24:.0f}" '
+        'font-family="sans-serif" font-size="11">'
+        '<rect width="100%" height="100%" fill="white"/>' + "".join(body) + "</svg>\n"
+    )
+    path.write_text(svg)
+
+
 # ============================================================================ main
 
 
@@ -1471,6 +1538,108 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     return merged
 
 
+def run_rows(results: dict[str, Any]) -> list[str]:
+    """One results file as a Markdown table: each arm's gain, BWT, general NLL, steps, passes."""
+    rows = [
+        "| arm | task gain (points) | × plain | BWT (points) | BWT on answer NLL (nats) "  # noqa: RUF001
+        "| general NLL vs base (SOTU / Moby-Dick) | steps | passes |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for arm, a in ordered(results["arms"]).items():
+        m = a["metrics"]
+        src = m["general_nll_change_pct_by_source"]
+        steps = m["train_steps_per_task"]
+        passes = [
+            f"{s['train'].get('epochs', 0):g}"
+            + (" (budget)" if s["train"].get("stop") == "budget" else "")
+            for s in a["stages"]
+        ]
+        rows.append(
+            f"| {arm} | {m['task_gain']:+.1f} | {num(m['gain_ratio'], '.2f')} | {m['bwt']:+.1f} "
+            f"| {m['bwt_nll']:+.3f} | {m['general_nll_change_pct']:+.2f} % "
+            f"({src.get('sotu', math.nan):+.2f} / {src.get('moby', math.nan):+.2f}) "
+            f"| {sum(steps)} ({' + '.join(map(str, steps))}) | {' / '.join(passes)} |"
+        )
+    return rows
+
+
+def summary(paths: Sequence[Path], svg: Path | None = None) -> str:
+    """Markdown for docs/benchmarks.md from results files: a table per run, then each EWC arm's
+    targets across the runs (met / missed, with the figure behind each); ``svg``: a plot of
+    every run's BWT and general NLL, a dot per arm."""
+    runs = [(p, json.loads(p.read_text())) for p in paths]
+    out: list[str] = []
+    label = {p: "-".join(t["name"][:3] for t in r["tasks"]) + f" s{r['settings']['seed']}"
+             for p, r in runs}  # fmt: skip
+    for p, r in runs:
+        out += [f"`{p.name}` (commit {r.get('commit')}):", "", *run_rows(r), ""]
+    out += [
+        f"Across the {len(runs)} runs (mean, and the worst run):",
+        "",
+        "| arm | runs | × plain | BWT (points) | general NLL vs base | steps |",  # noqa: RUF001
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for arm in ARMS:
+        ms = [r["arms"][arm]["metrics"] for _, r in runs if arm in r["arms"]]
+        if not ms:
+            continue
+
+        def mean(key: str, ms: list[dict[str, Any]] = ms) -> float:
+            return sum(m[key] for m in ms) / len(ms)
+
+        out.append(
+            f"| {arm} | {len(ms)} | {mean('gain_ratio'):.2f} (worst {min(m['gain_ratio'] for m in ms):.2f}) "
+            f"| {mean('bwt'):+.1f} (worst {min(m['bwt'] for m in ms):+.1f}) "
+            f"| {mean('general_nll_change_pct'):+.2f} % "
+            f"(worst {max(m['general_nll_change_pct'] for m in ms):+.2f} %) "
+            f"| {mean('train_steps'):.0f} |"
+        )
+    out.append("")
+    if svg is not None:
+        write_summary_svg([(label[p], r) for p, r in runs], svg)
+    arms = [a for a in ARMS if any(a in r.get("targets_by_arm", {}) for _, r in runs)]
+    for arm in arms:
+        peer = REPLAY_PEER.get(arm, "replay")
+        out += [
+            f"Targets of `{arm}` (replay + EWC; against `{peer}` for the last row):",
+            "",
+            "| target | " + " | ".join(label[p] for p, _ in runs) + " | met |",
+            "| --- |" + " --- |" * (len(runs) + 1),
+        ]
+        gain_ratio = "task gain ≥ 0.95× plain's"  # noqa: RUF001
+        bwt = "BWT ≥ −1 point"  # noqa: RUF001
+        lines: dict[str, tuple[str, Callable[[dict[str, Any], dict[str, Any]], str]]] = {
+            gain_ratio: ("gain_at_least_95pct_of_plain", lambda m, t: f"{m['gain_ratio']:.2f}"),
+            bwt: ("bwt_at_least_minus_1", lambda m, t: f"{m['bwt']:+.1f}"),
+            "general NLL ≤ +1 %": (
+                "general_within_1pct",
+                lambda m, t: f"{m['general_nll_change_pct']:+.2f} %",
+            ),
+            f"forgets less than `{peer}` at the same gain": (
+                "forgets_less_than_replay_at_same_gain",
+                lambda m, t: "gain {:+.1f}, BWT {}, general {}".format(
+                    t["vs_replay"]["gain_difference"],
+                    "higher" if t["vs_replay"]["higher_bwt"] else "not higher",
+                    "lower" if t["vs_replay"]["lower_general_nll_change"] else "not lower",
+                ),
+            ),
+        }
+        for name, (key, fig) in lines.items():
+            cells, met = [], 0
+            for _, r in runs:
+                t = r.get("targets_by_arm", {}).get(arm)
+                if t is None or t.get(key) is None:
+                    cells.append("not run")
+                    continue
+                met += bool(t[key])
+                cells.append(
+                    f"{'**met**' if t[key] else 'missed'} ({fig(r['arms'][arm]['metrics'], t)})"
+                )
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {met} of {len(runs)} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prepare", action="store_true", help="build the data file (needs npm)")
@@ -1478,6 +1647,9 @@ def main() -> None:
     ap.add_argument("--plot", metavar="RESULTS.json", help="redraw the SVG of a results file")
     ap.add_argument("--merge", nargs="+", metavar="RESULTS.json",
                     help="join the arms of runs of one (order, seed) into --out")  # fmt: skip
+    ap.add_argument("--summary", nargs="+", metavar="RESULTS.json",
+                    help="print Markdown tables of results files (for docs/benchmarks.md); "
+                    "with --out, a plot of them there (SVG)")  # fmt: skip
     ap.add_argument("--data", default=str(DATA_FILE))
     ap.add_argument("--model", default="smollm2", help="a model folder, a .gguf, smollm2 or tiny")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
@@ -1545,6 +1717,9 @@ def main() -> None:
         write_outputs(merged, Path(args.out))
         print_table(merged)
         print(f"\nwritten to {args.out}")
+        return
+    if args.summary:
+        print(summary([Path(p) for p in args.summary], Path(args.out) if args.out else None))
         return
     if args.plot:
         src = Path(args.plot)
