@@ -167,14 +167,19 @@ async def evaluate(
 
 
 def _history(deps: CycleDeps, extra: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every version's scores, oldest first, with ``extra`` (this cycle's version, scored by
+    this evaluation) last: in place of its own row when it is registered already, so no
+    version is listed twice, and promoted if it was."""
     promoted = {p.version for p in deps.reader.promotions() if p.version}
     rows = []
     for r in deps.reader.db["adapter_versions"].rows_where(order_by="created_at"):
+        if extra and r["name"] == extra["version"]:
+            continue
         m = json.loads(r["manifest"] or "{}")
         ev = (m.get("metrics") or {}).get("evaluation") or {}
         rows.append(_history_row(r["name"], r["created_at"], r["name"] in promoted, ev))
     if extra:
-        rows.append(extra)
+        rows.append({**extra, "promoted": bool(extra["promoted"]) or extra["version"] in promoted})
     return rows
 
 
@@ -219,7 +224,12 @@ def build_report(
     train = (m.get("metrics") or {}).get("training") or {}
     curve = _training_curve(path) if path else []
     this = (
-        _history_row(cycle.version, m.get("created_at", time.time()), False, summary.record)
+        _history_row(
+            cycle.version,
+            m.get("created_at", time.time()),
+            decision.get("outcome") == "promoted",
+            summary.record,
+        )
         if summary and cycle.version
         else None
     )

@@ -8,6 +8,7 @@ is the one place that turns them (and FastAPI's own) into OpenAI's shape
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,7 +36,27 @@ _KNOWN_ROUTES = {
     "/metrics",
     "/admin/status",
     "/admin/versions",
+    "/admin/rollback",
+    "/admin/promotions",
+    "/admin/cycles",
 }
+# Routes with a path parameter, labelled by their template (one series per route, not per id).
+_TEMPLATED_ROUTES = (
+    (re.compile(r"/admin/versions/[^/]+/promote"), "/admin/versions/{version}/promote"),
+    (re.compile(r"/admin/versions/[^/]+/reject"), "/admin/versions/{version}/reject"),
+    (re.compile(r"/admin/cycles/[^/]+"), "/admin/cycles/{cycle_id}"),
+    (re.compile(r"/reports(/.*)?"), "/reports"),
+)
+
+
+def route_label(path: str) -> str:
+    """The metrics label of a request path: the route it matches, or ``other``."""
+    if path in _KNOWN_ROUTES:
+        return path
+    for pattern, template in _TEMPLATED_ROUTES:
+        if pattern.fullmatch(path):
+            return template
+    return "other"
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -134,12 +155,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        route = (
-            path
-            if path in _KNOWN_ROUTES
-            else ("/reports" if path.startswith("/reports") else "other")
-        )
+        route = route_label(scope["path"])
         status = 500
         t0 = time.perf_counter()
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
+import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import Response
 
 from feedback.schema import (
     MAX_BATCH,
@@ -106,6 +107,11 @@ def _store_batch(items: Sequence[FeedbackInput]) -> Callable[[Store], list[Feedb
     return run
 
 
+def _created_json(body: dict[str, Any]) -> Response:
+    """201 with an orjson-encoded body (FastAPI's ORJSONResponse is deprecated)."""
+    return Response(orjson.dumps(body), status_code=201, media_type="application/json")
+
+
 def build_router(
     writer: Writer, *, auth: Callable[..., Any], on_stored: Callable[[int], None]
 ) -> APIRouter:
@@ -115,20 +121,18 @@ def build_router(
     @router.post(
         "/v1/feedback",
         status_code=201,
-        response_class=ORJSONResponse,
         openapi_extra=_openapi(_openapi_item()),
         responses=_created(_STORED),
     )
-    async def post_feedback(request: Request) -> ORJSONResponse:
+    async def post_feedback(request: Request) -> Response:
         item = parse_item(parse_json(await request.body()))
         (fb,) = await writer.call(_store_batch([item]))
         on_stored(1)
-        return ORJSONResponse({"id": fb.id, "interaction_id": fb.interaction_id}, status_code=201)
+        return _created_json({"id": fb.id, "interaction_id": fb.interaction_id})
 
     @router.post(
         "/v1/feedback/batch",
         status_code=201,
-        response_class=ORJSONResponse,
         openapi_extra=_openapi(_BATCH),
         responses=_created(
             {
@@ -138,13 +142,12 @@ def build_router(
             }
         ),
     )
-    async def post_feedback_batch(request: Request) -> ORJSONResponse:
+    async def post_feedback_batch(request: Request) -> Response:
         items = parse_batch(parse_json(await request.body()))
         stored = await writer.call(_store_batch(items))
         on_stored(len(stored))
-        return ORJSONResponse(
-            {"items": [{"id": f.id, "interaction_id": f.interaction_id} for f in stored]},
-            status_code=201,
+        return _created_json(
+            {"items": [{"id": f.id, "interaction_id": f.interaction_id} for f in stored]}
         )
 
     return router
