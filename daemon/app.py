@@ -41,6 +41,7 @@ from daemon.cycle import (
     CycleDeps,
     CycleInterrupted,
     CycleRunning,
+    cycle_progress,
     new_cycle,
     resume_cycle,
     run_cycle,
@@ -301,6 +302,12 @@ class Daemon:
         if self._cycle is not None and not self._cycle.done():
             return self._cycle_id
         return None
+
+    def _cycle_progress(self) -> dict[str, Any] | None:
+        """The running cycle's stage and progress (`daemon.cycle.cycle_progress`), or None."""
+        running = self.running_cycle()
+        cycle = self.reader.get_cycle(running) if running else None
+        return cycle_progress(cycle, self.settings.data_dir, time.time()) if cycle else None
 
     async def start_cycle(self, trigger: str, actor: str) -> Cycle:
         """Start a cycle now in the background; `CycleRunning` if one is running."""
@@ -579,6 +586,7 @@ class Daemon:
             },
             "next_cycle": self._next_cycle(),
             "running_cycle": self.running_cycle(),
+            "cycle_progress": self._cycle_progress(),
             "uptime_s": round(time.time() - self.started, 1),
         }
 

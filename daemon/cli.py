@@ -83,10 +83,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         ],
         ["log drops", str(st["interaction_log"]["dropped"])],
         ["next cycle", _next_cycle(st.get("next_cycle"))],
-        ["running cycle", str(st["running_cycle"] or "none")],
+        ["running cycle", _running_cycle(st.get("cycle_progress"), st["running_cycle"])],
     ]
     print(_table(rows, ["", ""]).split("\n", 2)[2])
     return 0
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _running_cycle(p: dict[str, Any] | None, running: str | None) -> str:
+    """``c-... (v0004): training, step 24 of 50, 7 min in, at most 8 min left``."""
+    if not p:
+        return str(running or "none")
+    head = f"{p['id']}" + (f" ({p['version']})" if p.get("version") else "")
+    text = f"{head}: {p['state']}, {_minutes(p['running_s'])} in"
+    t = p.get("training")
+    if t:
+        text += f"; step {t['step']} of {t['of']}"
+        if t.get("left_at_most_s") is not None:
+            text += f", at most {_minutes(t['left_at_most_s'])} left (the stopping rule may end it sooner)"
+    return text
 
 
 def _next_cycle(nc: dict[str, Any] | None) -> str:

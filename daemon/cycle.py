@@ -294,6 +294,53 @@ def served_generator(
     return generate
 
 
+def cycle_progress(cycle: Cycle, data_dir: Path, now: float) -> dict[str, Any]:
+    """Where a running cycle is, for `/admin/status` and `adaptd status`: its stage, how long
+    it has run and, while training, the last step of the training child's log
+    (``work/<version>/progress.jsonl``) against the step budget, with the time the rest of
+    the budget would take at the pace so far (the stopping rule usually ends sooner)."""
+    out: dict[str, Any] = {
+        "id": cycle.id,
+        "state": cycle.state,
+        "version": cycle.version,
+        "running_s": round(max(0.0, now - cycle.created_at), 1),
+        "training": None,
+    }
+    if cycle.state != "training" or not cycle.version:
+        return out
+    last = _last_line(data_dir / "work" / cycle.version / "progress.jsonl")
+    if last is None:
+        return out
+    try:
+        r = json.loads(last)
+        step, total, elapsed = int(r["step"]), int(r["total"]), float(r["elapsed_s"])
+    except (ValueError, KeyError, TypeError):
+        return out  # a line being written, or a log from before "total" was recorded
+    left = elapsed / step * max(0, total - step) if step > 0 else None
+    out["training"] = {
+        "step": step,
+        "of": total,
+        "elapsed_s": round(elapsed, 1),
+        "left_at_most_s": round(left, 1) if left is not None else None,
+    }
+    return out
+
+
+def _last_line(path: Path, chunk: int = 4096) -> str | None:
+    """The last complete line of a file that grows by whole lines (None: no such line)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - chunk))
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None
+    # the part after the last newline is a line still being written
+    done = [x for x in lines[:-1] if x.strip()]
+    return done[-1].decode("utf-8", "replace") if done else None
+
+
 async def run_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "scheduler") -> Cycle:
     """Run one cycle to its end; never raises for a failed or rejected candidate."""
     cycle = await save(deps, cycle, state="curating")

@@ -586,6 +586,7 @@ def train(
                 "lr": sched.get_last_lr()[0],
                 "tokens": n_tok,
                 "elapsed_s": round(time.perf_counter() - t0, 3),
+                "total": total,  # the step budget; the stopping rule may end the run sooner
             }
             if step == start:
                 first_loss = task_value
@@ -607,7 +608,7 @@ def train(
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             if progress:
-                progress({**record, "total": total})
+                progress(record)
             bar.update(1)
             bar.set_postfix(loss=f"{task_value:.3f}")
             if (
