@@ -694,7 +694,10 @@ CONSOLE = re.compile(r"CONSOLE|Uncaught")
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+        why = "chromium is not installed (Debian: apt-get install chromium)"
+        if os.environ.get("ADAPTD_BROWSER_TESTS") == "required":  # .ci/run installed it
+            pytest.fail(f"{why}, and ADAPTD_BROWSER_TESTS=required")
+        pytest.skip(why)
     return path
 
 
