@@ -390,14 +390,15 @@ def third(second: RunningDaemon, tmp_path_factory: pytest.TempPathFactory) -> Ru
     NLL 4.6 nats a token when every token is already the argmax), so whole answers come late:
     7 taught items took 61 passes, 12 were not done in 75 (CI), 5 took 42 and 149 (two local
     runs). A step takes ~50 ms.
-    Answers to score are long enough for this tokenizer's words (48 tokens). Replay (its ratio
-    too), EWC and the gate are as shipped."""
+    Answers to score are long enough for this tokenizer's words (48 tokens). Replay's ratio,
+    EWC and the gate are as shipped; replay's floor is off (see below)."""
     second.use(
         tmp_path_factory.mktemp("third") / "data",
         {
-            # as shipped, over the suite's small-cycle replay (tests/conftest.py)
+            # the shipped ratio, over the suite's 0.5 (tests/conftest.py); not the shipped floor:
+            # 64 replayed answers beside 5 facts would make each of the passes this random
+            # model needs several times longer (benchmarks/learning.py measures the floor)
             "ADAPTD_REPLAY__RATIO": str(ReplaySettings().ratio),
-            "ADAPTD_REPLAY__MIN_EXAMPLES": str(ReplaySettings().min_examples),
             "ADAPTD_TRAINING__LEARNING_RATE": "1e-2",
             "ADAPTD_TRAINING__MIN_STEPS": "1",
             "ADAPTD_TRAINING__MAX_STEPS": "1600",
