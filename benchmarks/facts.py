@@ -66,7 +66,7 @@ TARGET_TAUGHT = 0.9
 TARGET_GENERAL = 0.02
 
 # Overrides of the shipped defaults, by arm. Keys: TrainSettings fields, plus "replay_ratio",
-# "self_max_tokens", "rank", "alpha", "targets" (LoRA target modules).
+# "replay_min" (replay.min_examples), "self_max_tokens", "rank", "alpha", "targets" (LoRA target modules).
 ARMS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "ce": {"replay_loss": "ce"},
@@ -75,7 +75,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "lr3e-3": {"learning_rate": 3e-3},
     "b1024": {"batch_tokens": 1024},
     "b1024-lr2e-3": {"batch_tokens": 1024, "learning_rate": 2e-3},
-    "r1": {"replay_ratio": 1.0},
+    "r1": {"replay_ratio": 1.0, "replay_min": 0},  # one per fact, without the floor
     "r5": {"replay_ratio": 5.0},
     "e20": {"max_epochs": 20.0},
     "lr2e-3-no-ewc": {"learning_rate": 2e-3, "ewc_lambda": 0.0},
@@ -219,6 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         own = rewritten if o.pop("taught_from", "correction") == "rewrite" else taught
         n_self = o.pop("self_max_tokens", self_max_tokens())
         ratio = o.pop("replay_ratio", shipped["replay_ratio"])
+        replay_min = o.pop("replay_min", shipped["replay_min"])
         lora = LoraSettings(
             rank=o.pop("rank", shipped["rank"]),
             alpha=o.pop("alpha", shipped["alpha"]),
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         replayed = replay_lib.mix(
             {"self": pool},
             {"self": 1.0},
-            replay_lib.replay_total(len(taught), ratio, shipped["replay_min"]),
+            replay_lib.replay_total(len(taught), ratio, replay_min),
             random.Random(args.seed),
         )
         job = TrainJob(

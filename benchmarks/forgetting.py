@@ -190,9 +190,10 @@ ARM_EWC: dict[str, dict[str, Any]] = {
     "both-r1": {"ewc_mode": "decoupled"},
     "both-r1-10k": {"ewc_mode": "decoupled", "ewc_lambda": 10000.0},
 }
-# Arms that replay one example per new one instead of the run's ``--replay-ratio`` (3 as
-# shipped), to see whether EWC lets a cycle replay less: each "both" arm of them is compared
-# with the replay arm of the same ratio (`REPLAY_PEER`), not with "replay".
+# Arms that replay one example per new one whatever the run's ``--replay-ratio`` (3 when they
+# were added; 1, the same as these, as shipped since 8989fbb), to see whether EWC lets a cycle
+# replay less: each "both" arm of them is compared with the replay arm of the same ratio
+# (`REPLAY_PEER`), not with "replay".
 ARM_REPLAY_RATIO: dict[str, float] = {"replay-r1": 1.0, "both-r1": 1.0, "both-r1-10k": 1.0}
 REPLAY_PEER = {"both-r1": "replay-r1", "both-r1-10k": "replay-r1"}
 # The daemon's replay shares (`daemon.config.ReplaySettings`), set by `product_defaults()`.

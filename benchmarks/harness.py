@@ -40,6 +40,7 @@ TINY_SETTINGS = {
     "ADAPTD_TRAINING__MIN_STEPS": "30",
     "ADAPTD_TRAINING__MAX_STEPS": "40",
     "ADAPTD_REPLAY__SELF_MAX_TOKENS": "16",
+    "ADAPTD_REPLAY__MIN_EXAMPLES": "0",  # a tiny run's few examples replay at the ratio alone
     "ADAPTD_EVALUATION__MAX_TOKENS": "24",
     # a random-weight model's general text moves a lot with any adapter
     "ADAPTD_GATE__MAX_GENERAL_REGRESSION": "10",

@@ -503,7 +503,8 @@ def main() -> None:
     data_dir = prepare_data_dir(args.data_dir)
     out = Path(args.out) if args.out else (
         data_dir / "learning_quick.json" if args.quick
-        else ROOT / "docs" / "results" / "learning_cpu.json"
+        else ROOT / "docs" / "results" / (
+            "learning_cpu.json" if args.cycles == 2 else "learning_cpu_1cycle.json")
     )  # fmt: skip
     scratch = Path(tempfile.mkdtemp(prefix="adaptd-learning-model-"))
     say(f"adaptd learning benchmark{' (quick: tiny model, tiny settings)' if args.quick else ''}: "
@@ -528,6 +529,7 @@ def main() -> None:
         results = run(api, data_dir, proc, facts1, facts2, everyday, args.cycle_timeout,
                       args.cycles)  # fmt: skip
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
         api.close()
         say("stopping adaptd")
         stop_daemon(proc)

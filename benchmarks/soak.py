@@ -384,6 +384,7 @@ def main() -> None:
         ADAPTD_SCHEDULE__MIN_NEW_FEEDBACK="20",
         ADAPTD_SCHEDULE__MIN_MINUTES_BETWEEN=f"{every / 2:g}",
         ADAPTD_REPLAY__RATIO="0.5",
+        ADAPTD_REPLAY__MIN_EXAMPLES="0",  # as measured before the floor (8989fbb)
         ADAPTD_GATE__MAX_RETENTION_LOSS="1",
     )  # fmt: skip
     print(f"starting adaptd; log {work / 'adaptd.log'}", file=sys.stderr)

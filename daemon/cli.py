@@ -94,7 +94,7 @@ def _minutes(seconds: float) -> str:
 
 
 def _running_cycle(p: dict[str, Any] | None, running: str | None) -> str:
-    """``c-... (v0004): training, step 24 of 50, 7 min in, at most 8 min left``."""
+    """``c-... (v0004): training, 7 min in; step 24 of 50, at most 8 min left (...)``."""
     if not p:
         return str(running or "none")
     head = f"{p['id']}" + (f" ({p['version']})" if p.get("version") else "")

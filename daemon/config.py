@@ -217,6 +217,7 @@ class ReplaySettings(_Section):
     ratio: float = Field(
         1.0,
         ge=0,
+        allow_inf_nan=False,
         description="Replayed examples per new example (0 turns replay off); with EWC, one "
         "forgets less than three without it at half the training (docs/benchmarks.md).",
     )

@@ -283,6 +283,11 @@ def test_the_shipped_training_recipe_reaches_the_trainer(monkeypatch: pytest.Mon
     monkeypatch.setenv("ADAPTD_REPLAY__LOSS", "mse")
     with pytest.raises(ConfigError, match=r"replay\.loss \[ADAPTD_REPLAY__LOSS\]"):
         load_settings()
+    monkeypatch.setenv("ADAPTD_REPLAY__LOSS", "kl")
+    for bad in ("inf", "nan", "-1"):  # refused at start, not when a cycle mixes its replay
+        monkeypatch.setenv("ADAPTD_REPLAY__RATIO", bad)
+        with pytest.raises(ConfigError, match=r"replay\.ratio \[ADAPTD_REPLAY__RATIO\]"):
+            load_settings()
 
 
 def test_the_served_context_and_training_length_follow_a_short_context_model(
