@@ -298,7 +298,8 @@ def cycle_progress(cycle: Cycle, data_dir: Path, now: float) -> dict[str, Any]:
     """Where a running cycle is, for `/admin/status` and `adaptd status`: its stage, how long
     it has run and, while training, the last step of the training child's log
     (``work/<version>/progress.jsonl``) against the step budget, with the time the rest of
-    the budget would take at the pace so far (the stopping rule usually ends sooner)."""
+    the budget would take at the pace of this training process's loop so far (the stopping
+    rule usually ends sooner)."""
     out: dict[str, Any] = {
         "id": cycle.id,
         "state": cycle.state,
@@ -314,9 +315,10 @@ def cycle_progress(cycle: Cycle, data_dir: Path, now: float) -> dict[str, Any]:
     try:
         r = json.loads(last)
         step, total, elapsed = int(r["step"]), int(r["total"]), float(r["elapsed_s"])
+        done, loop_s = step - int(r["loop_from"]), float(r["loop_s"])
     except (ValueError, KeyError, TypeError):
-        return out  # a line being written, or a log from before "total" was recorded
-    left = elapsed / step * max(0, total - step) if step > 0 else None
+        return out  # a line being written, or a log from before these fields were recorded
+    left = loop_s / done * max(0, total - step) if done > 0 else None
     out["training"] = {
         "step": step,
         "of": total,

@@ -587,6 +587,10 @@ def train(
                 "tokens": n_tok,
                 "elapsed_s": round(time.perf_counter() - t0, 3),
                 "total": total,  # the step budget; the stopping rule may end the run sooner
+                # this process's loop so far: its first step (after a resume, the checkpoint's)
+                # and the time since, so a pace leaves out loading, the Fisher and restarts
+                "loop_from": start,
+                "loop_s": round(time.perf_counter() - t_loop, 3),
             }
             if step == start:
                 first_loss = task_value

@@ -22,12 +22,17 @@ def log(data: Path, lines: list[dict[str, float]], tail: str = "") -> None:
 
 
 def test_training_progress_is_the_last_whole_line_against_the_budget(tmp_path: Path) -> None:
-    rows = [{"step": k, "total": 50, "elapsed_s": 12.0 * k} for k in range(1, 21)]
+    # resumed at step 8 (a restart): 12 steps of this loop in 144 s, after 100 s of loading
+    rows = [
+        {"step": k, "total": 50, "elapsed_s": 100.0 + 12.0 * (k - 8), "loop_from": 8,
+         "loop_s": 12.0 * (k - 8)}
+        for k in range(9, 21)
+    ]  # fmt: skip
     log(tmp_path, rows, tail='{"step": 21, "tot')  # a line still being written
     p = cycle_progress(cycle("training"), tmp_path, now=1420.0)
     assert p["state"] == "training" and p["running_s"] == 420.0
-    # 20 steps in 240 s: the other 30 of the budget would take 360 s at that pace
-    assert p["training"] == {"step": 20, "of": 50, "elapsed_s": 240.0, "left_at_most_s": 360.0}
+    # 12 s a step: the other 30 of the budget would take 360 s at that pace
+    assert p["training"] == {"step": 20, "of": 50, "elapsed_s": 244.0, "left_at_most_s": 360.0}
     line = _running_cycle(p, "c-1")
     assert line.startswith("c-1 (v0004): training, 7 min in; step 20 of 50, at most 6 min left")
 
@@ -35,7 +40,7 @@ def test_training_progress_is_the_last_whole_line_against_the_budget(tmp_path: P
 def test_other_stages_and_missing_or_old_logs_give_the_stage_alone(tmp_path: Path) -> None:
     assert cycle_progress(cycle("curating", None), tmp_path, 1030.0)["training"] is None
     assert cycle_progress(cycle("training"), tmp_path, 1030.0)["training"] is None  # no log yet
-    log(tmp_path, [{"step": 3, "elapsed_s": 1.0}])  # a log without "total"
+    log(tmp_path, [{"step": 3, "elapsed_s": 1.0}])  # a log from before "total" and the pace
     p = cycle_progress(cycle("training"), tmp_path, 1030.0)
     assert p["training"] is None
     assert _running_cycle(p, "c-1") == "c-1 (v0004): training, 30 s in"
