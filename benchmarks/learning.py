@@ -607,9 +607,6 @@ def run(
     trained2 = [f for f in facts2 if splits2[f]["split"] == "trained"]
     p2 = probes2["adaptd"]
 
-    def kn(k: int, n: int) -> dict[str, Any]:
-        return {"answered": k, "of": n, "share": k / n if n else None}
-
     a2: dict[str, Any] = {
         "all_facts": kn(*count(everything, p2)),
         "cycle_1_facts": kn(*count(facts1, p2)),
@@ -629,12 +626,22 @@ def run(
     change2 = (c2["general_nll"] or {}).get("change")
     targets = {
         **first["targets"],
-        "cycle_2_all_facts": {"target": f">= {TARGET_ALL:.0%}", "value": t2,
-                              "pass": t2 is not None and t2 >= TARGET_ALL},
-        "cycle_2_general_nll": {"target": f"<= +{TARGET_GENERAL:.0%}", "value": change2,
-                                "pass": change2 is not None and change2 <= TARGET_GENERAL},
-    }  # fmt: skip
+        "cycle_2_all_facts": target(t2, TARGET_ALL),
+        "cycle_2_general_nll": target(change2, TARGET_GENERAL, at_most=True),
+    }
     return {"measures": m, "targets": targets, "cycles": [c1, c2]}
+
+
+def kn(k: int, n: int) -> dict[str, Any]:
+    """``k`` of ``n`` facts answered, and the share."""
+    return {"answered": k, "of": n, "share": k / n if n else None}
+
+
+def target(value: float | None, bar: float, *, at_most: bool = False) -> dict[str, Any]:
+    """A target's row: ``value`` at least ``bar`` (a share), or at most it (a change)."""
+    met = value is not None and (value <= bar if at_most else value >= bar)
+    return {"target": f"<= +{bar:.0%}" if at_most else f">= {bar:.0%}", "value": value,
+            "pass": met}  # fmt: skip
 
 
 def first_cycle_figures(
@@ -645,9 +652,6 @@ def first_cycle_figures(
     trained1 = [f for f in facts1 if splits1[f]["split"] == "trained"]
     heldout1 = [f for f in facts1 if splits1[f]["split"] == "held_out"]
     p1 = probes1["adaptd"]
-
-    def kn(k: int, n: int) -> dict[str, Any]:
-        return {"answered": k, "of": n, "share": k / n if n else None}
 
     a1: dict[str, Any] = {
         "trained_facts": kn(*count(trained1, p1)),
@@ -668,11 +672,9 @@ def first_cycle_figures(
     g = c1["general_nll"]
     change = (g or {}).get("change")
     targets = {
-        "cycle_1_trained_facts": {"target": f">= {TARGET_TRAINED:.0%}", "value": t1,
-                                  "pass": t1 is not None and t1 >= TARGET_TRAINED},
-        "cycle_1_general_nll": {"target": f"<= +{TARGET_GENERAL:.0%}", "value": change,
-                                "pass": change is not None and change <= TARGET_GENERAL},
-    }  # fmt: skip
+        "cycle_1_trained_facts": target(t1, TARGET_TRAINED),
+        "cycle_1_general_nll": target(change, TARGET_GENERAL, at_most=True),
+    }
     m = {
         "base_model": {
             "facts_answered_in_traffic": kn(len(base_known), len(facts1)),
