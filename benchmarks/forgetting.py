@@ -62,6 +62,10 @@ Arms (``--arms``; plain, replay and both by default), all through the product's 
   (``ARM_REPLAY_RATIO``, kept as the arm's ``replay_ratio``) instead of ``--replay-ratio``, alone
   and with decoupled EWC at lambda 1000 and 10000: does EWC let a cycle replay less? Their
   targets compare them with ``replay-r1`` (``REPLAY_PEER``), the replay arm of the same ratio.
+* ``replay-r1p``, ``both-r1p``: as ``replay-r1`` and ``both-r1``, with half of the replay mix
+  from earlier tasks' examples ("past": general 0.2, self 0.3, past 0.5; ``ARM_REPLAY_SHARES``,
+  kept as the arm's ``replay_shares``) instead of the daemon's shares; ``both-r1p`` is compared
+  with ``replay-r1p``.
 
 By default they run in the order plain, both, replay (so that a run cut short still has the
 two arms the first targets compare); tables and plots show them in the order above.
@@ -177,6 +181,8 @@ ARMS = {
     "replay-r1": (True, False, "current"),
     "both-r1": (True, True, "current"),
     "both-r1-10k": (True, True, "current"),
+    "replay-r1p": (True, False, "current"),
+    "both-r1p": (True, True, "current"),
 }
 # Arms that are "both" with other EWC settings (over the command line's), to compare EWC's
 # forms side by side in one run: through the gradient, capped at half the task's (the default
@@ -189,13 +195,23 @@ ARM_EWC: dict[str, dict[str, Any]] = {
     "both-pull10k": {"ewc_mode": "decoupled", "ewc_lambda": 10000.0},
     "both-r1": {"ewc_mode": "decoupled"},
     "both-r1-10k": {"ewc_mode": "decoupled", "ewc_lambda": 10000.0},
+    "both-r1p": {"ewc_mode": "decoupled"},
 }
 # Arms that replay one example per new one whatever the run's ``--replay-ratio`` (3 when they
 # were added; 1, the same as these, as shipped since 8989fbb), to see whether EWC lets a cycle
 # replay less: each "both" arm of them is compared with the replay arm of the same ratio
 # (`REPLAY_PEER`), not with "replay".
-ARM_REPLAY_RATIO: dict[str, float] = {"replay-r1": 1.0, "both-r1": 1.0, "both-r1-10k": 1.0}
-REPLAY_PEER = {"both-r1": "replay-r1", "both-r1-10k": "replay-r1"}
+ARM_REPLAY_RATIO: dict[str, float] = {
+    "replay-r1": 1.0, "both-r1": 1.0, "both-r1-10k": 1.0, "replay-r1p": 1.0, "both-r1p": 1.0,
+}  # fmt: skip
+REPLAY_PEER = {"both-r1": "replay-r1", "both-r1-10k": "replay-r1", "both-r1p": "replay-r1p"}
+# Arms whose replay mix gives earlier tasks' examples half of it (the daemon's "past": earlier
+# feedback), over the daemon's shares, to see whether rehearsing earlier tasks more keeps them
+# without costing general ability.
+ARM_REPLAY_SHARES: dict[str, dict[str, float]] = {
+    "replay-r1p": {"general": 0.2, "self": 0.3, "past": 0.5},
+    "both-r1p": {"general": 0.2, "self": 0.3, "past": 0.5},
+}
 # The daemon's replay shares (`daemon.config.ReplaySettings`), set by `product_defaults()`.
 REPLAY_SHARES = {"general": 0.3, "self": 0.4, "past": 0.3}
 STYLE_OPEN = "Thanks for asking!"
@@ -203,7 +219,8 @@ STYLE_CLOSE = "- The adaptd help desk"
 COLOURS = {"plain": "#7f7f7f", "replay": "#1f77b4", "ewc": "#ff7f0e", "both": "#2ca02c",
            "replay-base": "#9ecae1", "both-base": "#a1d99b", "both-cap25": "#98df8a",
            "both-pull": "#9467bd", "both-pull10k": "#c5b0d5", "both-grad": "#bcbd22",
-           "replay-r1": "#17becf", "both-r1": "#d62728", "both-r1-10k": "#ff9896"}  # fmt: skip
+           "replay-r1": "#17becf", "both-r1": "#d62728", "both-r1-10k": "#ff9896",
+           "replay-r1p": "#8c564b", "both-r1p": "#e377c2"}  # fmt: skip
 
 Chat = list[dict[str, str]]
 
@@ -961,6 +978,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         use_replay, use_ewc, self_from = ARMS[arm]
         ewc_over: dict[str, Any] = ARM_EWC.get(arm, {})
         ratio = ARM_REPLAY_RATIO.get(arm, args.replay_ratio)
+        shares = ARM_REPLAY_SHARES.get(arm, REPLAY_SHARES)
         t_arm = time.perf_counter()
         own = self_replay  # before the first task the model is the base model
         warm: Path | None = None
@@ -974,7 +992,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             if use_replay:
                 replayed = replay_lib.mix(
                     {"general": general_replay, "self": own, "past": reservoir},
-                    REPLAY_SHARES,
+                    shares,
                     replay_lib.replay_total(len(task.train), ratio, args.replay_min),
                     rng,
                 )
@@ -1064,6 +1082,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             results["arms"][arm]["ewc_settings"] = ewc_over
         if arm in ARM_REPLAY_RATIO:  # likewise the arm's own replay ratio
             results["arms"][arm]["replay_ratio"] = ratio
+        if arm in ARM_REPLAY_SHARES:  # and its own replay shares
+            results["arms"][arm]["replay_shares"] = shares
         results["wall_s"] = round(time.perf_counter() - started, 1)
         summarise(results)
         write_outputs(results, out)  # after every arm: a run cut short keeps what it measured
