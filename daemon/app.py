@@ -33,7 +33,6 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel
 
 from daemon.auth import COOKIE, Authenticator, AuthError, Caller, PermissionDenied
-from daemon.candidate import VERSION_RE
 from daemon.config import Settings
 from daemon.connections import ConnectionLimits, limited_protocol
 from daemon.cycle import (
@@ -52,6 +51,7 @@ from daemon.metrics import Metrics
 from daemon.promotion import Promoter, PromotionError, UnknownVersion
 from daemon.report import index_entry, load_report, render_index
 from daemon.scheduler import CycleScheduler, Verdict, should_start
+from daemon.versions import VERSION_RE, Manifest
 from feedback.errors import FeedbackError
 from feedback.routes import build_router as feedback_router
 from feedback.store import Cycle, Interaction, Store
@@ -290,9 +290,8 @@ class Daemon:
             if verdict in ("pass", "FAIL") and check and " " not in check:
                 m.gate_checks.labels(check, "pass" if verdict == "pass" else "fail").inc()
         row = self.reader.get_version(cycle.version) if cycle.version else None
-        train = ((orjson.loads(row["manifest"] or "{}") if row else {}).get("metrics") or {}).get(
-            "training"
-        ) or {}
+        manifest = Manifest.from_json(row["manifest"]) if row else None
+        train = manifest.metrics.training if manifest else {}
         for when in ("first", "final"):
             if isinstance(train.get(f"{when}_loss"), int | float):
                 m.training_loss.labels(when).set(train[f"{when}_loss"])
@@ -605,7 +604,7 @@ class Daemon:
                     "manifest": orjson.loads(r["manifest"]) if r["manifest"] else None,
                     "promoted": r["name"] == self.promoted,
                 }
-                for r in self.reader.db["adapter_versions"].rows_where(order_by="created_at")
+                for r in self.reader.versions()
             ]
             return Response(
                 orjson.dumps({"promoted": self.promoted, "versions": rows}),
@@ -620,10 +619,12 @@ class Daemon:
             row = self.reader.get_version(version)
             if row is None:
                 raise UnknownVersion(f"unknown version {version!r}: see `adaptd versions`")
-            verdict = orjson.loads(row["manifest"] or "{}").get("decision") or {}
-            if not verdict.get("passed") and not body.get("force"):
+            manifest = Manifest.from_json(row["manifest"])
+            verdict = manifest.decision if manifest else None
+            if not (verdict and verdict.passed) and not body.get("force"):
+                outcome = verdict.outcome if verdict else "not judged"
                 raise PromotionError(
-                    f"version {version} did not pass the gate ({verdict.get('outcome')}); "
+                    f"version {version} did not pass the gate ({outcome}); "
                     'send {"force": true} to promote it anyway'
                 )
             reason = str(body.get("reason") or "promoted by an operator")

@@ -4,22 +4,16 @@ One linear recipe, each stage a short function returning a dataclass:
 
     snapshot → curate → replay → train (child process) → write the version folder → register
 
-The version folder ``adapters/<version>/`` holds what vLLM loads (``adapter_config.json``,
-``adapter_model.safetensors``), the ``manifest.json`` (settings, parent, data used, metrics,
-library versions, file hashes) and ``state/`` (the EWC state, the replay reservoir, the
-cycle's holdout and the loss log) that the next cycle and the evaluation read. It is written to
-a temporary folder and renamed into place; names are never reused and folders never edited.
+The version folder, its `Manifest` and its ``state/`` files belong to `daemon.versions`; this
+module decides what goes into them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import CurationConfig, ReplaySettings, TrainingSettings
+from daemon.versions import (
+    DataUsed,
+    Manifest,
+    Metrics,
+    State,
+    clear_half_written,
+    next_name,
+    read_jsonl,
+    read_reservoir,
+    state_dir,
+    write_jsonl,
+    write_staged,
+)
 from feedback.curate import CurationResult, CurationSettings, Example, curate
 from feedback.store import Feedback, Interaction, Store
 from learners import metrics as M
@@ -42,8 +49,6 @@ log = logging.getLogger(__name__)
 Chat = list[dict[str, str]]
 # A sampled answer to a chat, and whether the token limit cut it off.
 Generate = Callable[[Chat], Awaitable[tuple[str, bool]]]
-VERSION_RE = re.compile(r"^v(\d{4,})$")
-_VERSION_IN = re.compile(r"(?:^|\.)v(\d{4,})(?:\.|$)")
 
 
 class CandidateError(Exception):
@@ -71,14 +76,15 @@ class ReplayMix:
 
 @dataclass(frozen=True)
 class Candidate:
+    """A trained version in its staging folder, not yet judged."""
+
     version: str
     path: Path
-    parent: str | None
-    curation: dict[str, Any]
-    replay: dict[str, int]
-    train: dict[str, Any]
-    restarts: int
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: Manifest = field(repr=False)
+
+    @property
+    def parent(self) -> str | None:
+        return self.manifest.parent
 
 
 # -- stages -----------------------------------------------------------------------------------
@@ -129,12 +135,8 @@ def self_replay_prompts(
     store: Store, prompts_path: str | None, limit: int, rng: random.Random
 ) -> list[Chat]:
     """General prompts: past chats that got no feedback, plus an optional prompt file."""
-    rows = store.db.execute(
-        "SELECT i.request FROM interactions i LEFT JOIN feedback f ON f.interaction_id = i.id "
-        "WHERE f.id IS NULL AND i.endpoint = 'chat' AND i.status = 'ok' ORDER BY i.created_at DESC LIMIT 5000"
-    ).fetchall()
     prompts: list[Chat] = []
-    for (req,) in rows:
+    for req in store.unrated_chat_requests(5000):
         msgs = json.loads(req or "[]")
         if (
             msgs
@@ -159,7 +161,7 @@ async def build_replay(
     seed: int,
 ) -> ReplayMix:
     rng = random.Random(seed)
-    past, seen = _read_reservoir(parent_state)
+    past, seen = read_reservoir(parent_state)
     general = (
         replay_lib.load_general(cfg.general_path, limit=10_000, seed=seed)
         if cfg.general_path
@@ -227,7 +229,7 @@ def parent_ewc_state(parent_state: Path | None, *, warm_start: bool) -> Path | N
     the first-cycle anchor instead."""
     if not warm_start or parent_state is None:
         return None
-    path = parent_state / "ewc.safetensors"
+    path = parent_state / State.EWC
     return path if path.exists() else None
 
 
@@ -264,52 +266,7 @@ def train_settings(cfg: TrainingSettings, replay: ReplaySettings | None = None) 
 # -- versions on disk ---------------------------------------------------------------------------
 def next_version(store: Store, adapters: Path) -> str:
     """The next never-used name: v0001, v0002, ... past every name in the store or on disk."""
-    used = [0]
-    names = list(store.version_names()) + [
-        r[0] for r in store.db.execute("SELECT version FROM cycles WHERE version IS NOT NULL")
-    ]
-    if adapters.exists():
-        names += [p.name for p in adapters.iterdir()]  # staged and half-written ones too
-    for name in names:
-        m = _VERSION_IN.search(name or "")
-        if m:
-            used.append(int(m.group(1)))
-    return f"v{max(used) + 1:04d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_jsonl(path: Path, rows: Sequence[Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def _read_reservoir(state: Path | None) -> tuple[list[Chat], int]:
-    if state is None or not (state / "reservoir.jsonl").exists():
-        return [], 0
-    meta = json.loads((state / "reservoir.json").read_text())
-    with open(state / "reservoir.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()], int(meta["seen"])
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    return next_name([*store.version_names(), *store.cycle_versions()], adapters)
 
 
 def library_versions() -> dict[str, str]:
@@ -322,90 +279,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "absent"
     return out
-
-
-def staging_dir(adapters: Path, version: str) -> Path:
-    """Where a candidate lives while it is evaluated, before its folder is final."""
-    return adapters / f".staging.{version}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_version(
-    adapters: Path,
-    version: str,
-    adapter_dir: Path,
-    work: Path,
-    manifest: dict[str, Any],
-    state_files: dict[str, Callable[[Path], object]],
-) -> Path:
-    """Assemble the candidate in a temporary folder, fsync it, and rename it to its staging
-    folder (`finalize_version` moves it to ``adapters/<version>`` once it is judged)."""
-    target = staging_dir(adapters, version)
-    if target.exists() or (adapters / version).exists():
-        raise CandidateError(f"version {version} already exists; versions are never reused")
-    tmp = adapters / f".tmp.{version}.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "state").mkdir(parents=True)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(adapter_dir / name, tmp / name)
-        if (adapter_dir / "ewc.safetensors").exists():
-            shutil.copy2(adapter_dir / "ewc.safetensors", tmp / "state" / "ewc.safetensors")
-        if (work / "progress.jsonl").exists():
-            shutil.copy2(work / "progress.jsonl", tmp / "state" / "train_log.jsonl")
-        for name, write in state_files.items():
-            write(tmp / "state" / name)
-        manifest["files"] = {
-            str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-        (tmp / "manifest.json").write_text(text)
-        _fsync_tree(tmp)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a disk full mid-way leaves nothing behind
-        raise
-    _fsync_dir(adapters)
-    return target
-
-
-async def finalize_version(
-    cand: Candidate,
-    adapters: Path,
-    updates: dict[str, Any],
-    register: Callable[[dict[str, Any]], Awaitable[None]],
-) -> Path:
-    """Write the judged manifest (metrics, decision), move the staged folder to
-    ``adapters/<version>`` and register it. After this the folder is never edited."""
-    manifest = {**cand.manifest, **updates}
-    staged = staging_dir(adapters, cand.version)
-    tmp = staged / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, staged / "manifest.json")
-    _fsync_dir(staged)
-    final = adapters / cand.version
-    os.rename(staged, final)
-    _fsync_dir(adapters)
-    await register(
-        {
-            "name": cand.version,
-            "created_at": manifest["created_at"],
-            "parent": cand.parent,
-            "path": str(final.relative_to(adapters.parent)),
-            "sha256": manifest["files"]["adapter_model.safetensors"],
-            "manifest": json.dumps(manifest),
-        }
-    )
-    return final
 
 
 def _example_dict(e: Example) -> dict[str, Any]:
@@ -461,12 +334,11 @@ def carried_holdout(parent_state: Path | None, exclude: set[str]) -> list[dict[s
     learned. So what one cycle held out, the next one trains on (while it holds out some of
     its own feedback): every correction is trained on one cycle late at the latest. An
     interaction with feedback in this cycle's snapshot is left to this cycle's curation."""
-    if parent_state is None or not (parent_state / "holdout.jsonl").is_file():
+    if parent_state is None:
         return []
     out = []
-    for line in (parent_state / "holdout.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else None
-        if not row or row.get("interaction_id") in exclude:
+    for row in read_jsonl(parent_state / State.HOLDOUT):
+        if row.get("interaction_id") in exclude:
             continue
         msgs = row.get("messages") or []
         if len(msgs) >= 2 and msgs[-1].get("role") == "assistant":
@@ -498,19 +370,14 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
     """Snapshot → curate → replay → train → write → register; see the module docstring."""
     adapters = inp.data_dir / "adapters"
     adapters.mkdir(parents=True, exist_ok=True)
-    for stale in adapters.glob(".tmp.*"):  # half-written by a crash (one cycle at a time)
-        shutil.rmtree(stale, ignore_errors=True)
+    clear_half_written(adapters)
     parent_dir = adapters / inp.promoted if inp.promoted else None
-    parent_manifest = (
-        json.loads((parent_dir / "manifest.json").read_text())
-        if parent_dir and (parent_dir / "manifest.json").exists()
-        else {}
-    )
-    since = float(parent_manifest.get("data", {}).get("feedback_until", 0.0))
+    parent_manifest = Manifest.read(parent_dir) if parent_dir else None
+    since = parent_manifest.data.feedback_until if parent_manifest else 0.0
 
     snap = snapshot(inp.store, since)
     cur = curate_snapshot(snap, inp.curation)
-    parent_state = parent_dir / "state" if parent_dir else None
+    parent_state = state_dir(parent_dir) if parent_dir else None
     carried = carried_holdout(parent_state, {e.interaction_id for e in [*cur.train, *cur.holdout]})
     if len(cur.train) + len(carried) < inp.min_examples:
         raise CandidateError(
@@ -569,60 +436,51 @@ async def build_candidate(inp: CandidateInputs) -> Candidate:
         raise
     result = outcome.result
 
-    manifest: dict[str, Any] = {
-        "version": version,
-        "created_at": time.time(),
-        "parent": inp.promoted,
-        "base_model": inp.base_model,
-        "settings": {
+    manifest = Manifest(
+        version=version,
+        created_at=time.time(),
+        parent=inp.promoted,
+        base_model=inp.base_model,
+        settings={
             "training": inp.training.model_dump(),
             "replay": inp.replay.model_dump(),
             "curation": inp.curation.model_dump(),
         },
-        "data": {
-            "feedback_since": snap.since,
-            "feedback_until": snap.until,
-            "feedback_ids": sorted(fb.id for fb, _ in snap.pairs),
-            "curation": cur.report.to_dict(),
-            "replay": mix.counts,
-            "self_replay_from": inp.self_replay_from,
-            "train_examples": len(new),
-            # taught as the served version's own rewrite (training.targets = "rewrites")
-            "rewritten_examples": rewritten,
-            "carried_examples": len(carried),  # held out by the parent, trained now
-            "carried_from": inp.promoted if carried else None,
-            "holdout_examples": len(cur.holdout),
-        },
-        "metrics": {"training": result, "training_restarts": outcome.restarts},
-        "decision": "candidate",
-        "libraries": library_versions(),
-    }
+        data=DataUsed(
+            feedback_since=snap.since,
+            feedback_until=snap.until,
+            feedback_ids=sorted(fb.id for fb, _ in snap.pairs),
+            curation=cur.report.to_dict(),
+            replay=mix.counts,
+            self_replay_from=inp.self_replay_from,
+            train_examples=len(new),
+            rewritten_examples=rewritten,
+            carried_examples=len(carried),
+            carried_from=inp.promoted if carried else None,
+            holdout_examples=len(cur.holdout),
+        ),
+        metrics=Metrics(training=result, training_restarts=outcome.restarts),
+        libraries=library_versions(),
+    )
     state_files: dict[str, Callable[[Path], object]] = {
-        "reservoir.jsonl": lambda p: _write_jsonl(p, mix.reservoir),
-        "reservoir.json": lambda p: p.write_text(json.dumps({"seen": mix.reservoir_seen})),
-        "holdout.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.holdout]),
-        "train.jsonl": lambda p: _write_jsonl(p, [_example_dict(e) for e in cur.train] + carried),
-        "replay.jsonl": lambda p: _write_jsonl(
+        State.RESERVOIR: lambda p: write_jsonl(p, mix.reservoir),
+        State.RESERVOIR_META: lambda p: p.write_text(json.dumps({"seen": mix.reservoir_seen})),
+        State.HOLDOUT: lambda p: write_jsonl(p, [_example_dict(e) for e in cur.holdout]),
+        State.TRAIN: lambda p: write_jsonl(p, [_example_dict(e) for e in cur.train] + carried),
+        State.REPLAY: lambda p: write_jsonl(
             p,
             [{"source": s, "messages": m} for s, m in zip(mix.sources, mix.examples, strict=True)],
         ),
-        "eval_only.jsonl": lambda p: _write_jsonl(p, [asdict(e) for e in cur.eval_only]),
+        State.EVAL_ONLY: lambda p: write_jsonl(p, [asdict(e) for e in cur.eval_only]),
     }
     try:
-        path = write_version(
-            adapters, version, Path(result["adapter_dir"]), work, manifest, state_files
+        path, manifest = write_staged(
+            adapters, manifest, Path(result["adapter_dir"]), work, state_files
         )
+    except FileExistsError as e:
+        raise CandidateError(str(e)) from e
     except OSError as e:  # e.g. the disk is full; nothing half-written is left
         raise CandidateError(f"could not write version {version}'s folder: {e}") from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Candidate(
-        version=version,
-        path=path,
-        parent=inp.promoted,
-        curation=cur.report.to_dict(),
-        replay=mix.counts,
-        train=result,
-        restarts=outcome.restarts,
-        manifest=manifest,
-    )
+    return Candidate(version=version, path=path, manifest=manifest)

@@ -31,14 +31,13 @@ from daemon.candidate import (
     CandidateInputs,
     Generate,
     build_candidate,
-    finalize_version,
-    staging_dir,
 )
 from daemon.config import Settings
 from daemon.evaluation import Scorer, SuiteError, Summary, build_suite, summarize
 from daemon.gate import Decision, Evidence, decide
 from daemon.promotion import Promoter, PromotionError
 from daemon.report import write_report
+from daemon.versions import Manifest, State, Verdict, finalize, registration, staging_dir
 from feedback.store import Cycle, Store
 from learners.lora import admission_problems
 from learners.run import TrainingFailed
@@ -172,11 +171,11 @@ def _history(deps: CycleDeps, extra: dict[str, Any] | None) -> list[dict[str, An
     version is listed twice, and promoted if it was."""
     promoted = {p.version for p in deps.reader.promotions() if p.version}
     rows = []
-    for r in deps.reader.db["adapter_versions"].rows_where(order_by="created_at"):
+    for r in deps.reader.versions():
         if extra and r["name"] == extra["version"]:
             continue
-        m = json.loads(r["manifest"] or "{}")
-        ev = (m.get("metrics") or {}).get("evaluation") or {}
+        m = Manifest.from_json(r["manifest"])
+        ev = (m.metrics.evaluation if m else None) or {}
         rows.append(_history_row(r["name"], r["created_at"], r["name"] in promoted, ev))
     if extra:
         rows.append({**extra, "promoted": bool(extra["promoted"]) or extra["version"] in promoted})
@@ -199,7 +198,7 @@ def _history_row(
 
 
 def _training_curve(path: Path) -> list[dict[str, Any]]:
-    log_file = path / "state" / "train_log.jsonl"
+    log_file = path / "state" / State.TRAIN_LOG
     if not log_file.is_file():
         return []
     out = []
@@ -212,21 +211,21 @@ def _training_curve(path: Path) -> list[dict[str, Any]]:
 def build_report(
     deps: CycleDeps,
     cycle: Cycle,
-    manifest: dict[str, Any] | None,
+    manifest: Manifest | None,
     path: Path | None,
     summary: Summary | None,
     decision: dict[str, Any],
 ) -> dict[str, Any]:
     """The report's data (schema 1): what `daemon.report` renders."""
-    m = manifest or {}
-    data = m.get("data") or {}
-    cur = data.get("curation") or {}
-    train = (m.get("metrics") or {}).get("training") or {}
+    data = manifest.data if manifest else None
+    cur = data.curation if data else {}
+    train = manifest.metrics.training if manifest else {}
+    parent = manifest.parent if manifest else None
     curve = _training_curve(path) if path else []
     this = (
         _history_row(
             cycle.version,
-            m.get("created_at", time.time()),
+            manifest.created_at if manifest else time.time(),
             decision.get("outcome") == "promoted",
             summary.record,
         )
@@ -239,20 +238,20 @@ def build_report(
         "cycle_id": cycle.id,
         "created_at": cycle.created_at,
         "base_model": deps.base_model,
-        "parent": m.get("parent"),
-        "current": decision.get("current", m.get("parent")),
+        "parent": parent,
+        "current": decision.get("current", parent),
         "decision": decision,
         "data": {
-            "feedback_in": len(data.get("feedback_ids") or []),
-            "kept": data.get("train_examples"),
-            "carried": data.get("carried_examples"),
-            "holdout": data.get("holdout_examples"),
+            "feedback_in": len(data.feedback_ids) if data else 0,
+            "kept": data.train_examples if data else None,
+            "carried": data.carried_examples if data else None,
+            "holdout": data.holdout_examples if data else None,
             "eval_only": cur.get("eval_only"),
             "dropped": {
                 k: len(v) if isinstance(v, list) else v
                 for k, v in (cur.get("dropped") or {}).items()
             },
-            "replay": data.get("replay") or {},
+            "replay": data.replay if data else {},
         },
         "training": {
             "steps": train.get("steps"),
@@ -417,19 +416,18 @@ async def judge(deps: CycleDeps, cycle: Cycle, cand: Candidate, *, actor: str) -
     if verdict.passed:
         outcome = "awaiting_approval" if gate.mode == "manual" else "promoting"
     decision["outcome"] = outcome if outcome != "promoting" else "promoted"
-    metrics = {
-        **cand.manifest.get("metrics", {}),
-        "evaluation": summary.record if summary else None,
-        "table": summary.metrics if summary else [],
-        "probe": summary.probe if summary else None,
-        "serving_cost": cost,
-    }
-    final = await finalize_version(
-        cand,
-        deps.adapters,
-        {"metrics": metrics, "decision": {k: v for k, v in decision.items() if k != "checks"}},
-        register=lambda row: deps.writer.call(lambda s: s.register_version(row)),
+    metrics = replace(
+        cand.manifest.metrics,
+        evaluation=summary.record if summary else None,
+        table=summary.metrics if summary else [],
+        probe=summary.probe if summary else None,
+        serving_cost=cost,
     )
+    verdict_kept = Verdict(
+        passed=verdict.passed, mode=gate.mode, reasons=verdict.reasons,
+        current=deps.promoter.promoted, serving_cost=cost, outcome=str(decision["outcome"]),
+    )  # fmt: skip
+    final = await _finalize(deps, cand.manifest.judged(metrics, verdict_kept))
     notes = [r for r in cycle.reasons if r.startswith("resumed after")]
     reasons = [*notes, *verdict.reasons]
     if outcome == "promoting":
@@ -458,24 +456,19 @@ async def judge(deps: CycleDeps, cycle: Cycle, cand: Candidate, *, actor: str) -
     )  # fmt: skip
 
 
+async def _finalize(deps: CycleDeps, manifest: Manifest) -> Path:
+    """Move the judged version to its final folder and register it in the store."""
+    final = await asyncio.to_thread(finalize, deps.adapters, manifest)
+    row = registration(deps.adapters, manifest, final)
+    await deps.writer.call(lambda s: s.register_version(row))
+    return final
+
+
 def staged_candidate(deps: CycleDeps, version: str) -> Candidate | None:
     """The candidate a crashed cycle left in its staging folder, if it was fully written."""
     path = staging_dir(deps.adapters, version)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        return None
-    m = json.loads(manifest_path.read_text())
-    data, metrics = m.get("data") or {}, m.get("metrics") or {}
-    return Candidate(
-        version=version,
-        path=path,
-        parent=m.get("parent"),
-        curation=data.get("curation") or {},
-        replay=data.get("replay") or {},
-        train=metrics.get("training") or {},
-        restarts=int(metrics.get("training_restarts") or 0),
-        manifest=m,
-    )
+    manifest = Manifest.read(path)
+    return Candidate(version=version, path=path, manifest=manifest) if manifest else None
 
 
 async def resume_cycle(deps: CycleDeps, cycle: Cycle, *, actor: str = "restart") -> Cycle:
@@ -505,9 +498,10 @@ async def _finish_promotion(deps: CycleDeps, cycle: Cycle, actor: str) -> Cycle:
     version = cycle.version
     assert version is not None
     row = deps.reader.get_version(version)
-    verdict = (json.loads(row["manifest"] or "{}").get("decision") or {}) if row else {}
-    if not verdict.get("passed"):
-        reason = verdict.get("reasons") or ["the gate did not pass it"]
+    manifest = Manifest.from_json(row["manifest"]) if row else None
+    verdict = manifest.decision if manifest else None
+    if verdict is None or not verdict.passed:
+        reason = (verdict.reasons if verdict else None) or ["the gate did not pass it"]
         return await save(deps, cycle, state="rejected", decision="rejected",
                           reasons=[*cycle.reasons, *reason])  # fmt: skip
     if deps.settings.gate.mode == "manual":
@@ -531,12 +525,9 @@ async def _fail(deps: CycleDeps, cycle: Cycle, reason: str, cand: Candidate | No
     if cand is not None:
         # Judged unusable; keep the folder under its final name so the name stays spent
         # and the files stay inspectable, with the failure in its manifest.
-        await finalize_version(
-            cand,
-            deps.adapters,
-            {"decision": {"outcome": "failed", "reasons": [reason]}},
-            register=lambda row: deps.writer.call(lambda s: s.register_version(row)),
-        )
+        failed = Verdict(passed=False, mode=None, reasons=[reason], current=None,
+                         serving_cost=None, outcome="failed")  # fmt: skip
+        await _finalize(deps, replace(cand.manifest, decision=failed))
     decision = {"outcome": "failed", "passed": False, "reasons": [reason], "checks": []}
     if cycle.version:
         write_report(

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -41,9 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
-
 from daemon.evaluation import Backend
+from daemon.versions import Manifest, sha256_of
 from feedback.store import Promotion, Store
 from learners.lora import admission_problems, check_finite
 from learners.metrics import mean, text_scores
@@ -109,14 +107,6 @@ class Promoted:
     promotion: Promotion
     probe: ProbeResult | None
     seconds: float
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def judge_probe(answers: list[str], candidate: list[str], base: list[str]) -> ProbeResult:
@@ -201,8 +191,8 @@ class Promoter:
         return path
 
     async def probe(self, version: str, path: Path) -> ProbeResult:
-        manifest = orjson.loads((path / "manifest.json").read_bytes())
-        rec = (manifest.get("metrics") or {}).get("probe")
+        manifest = Manifest.read(path)
+        rec = manifest.metrics.probe if manifest else None
         if not rec or not rec.get("items"):
             return ProbeResult(
                 False,

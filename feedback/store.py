@@ -537,3 +537,24 @@ class Store:
         return [
             r[0] for r in self.db.execute("SELECT name FROM adapter_versions ORDER BY created_at")
         ]
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every registered version's row, oldest first (``manifest`` as its JSON text)."""
+        return list(self.db["adapter_versions"].rows_where(order_by="created_at"))
+
+    def unrated_chat_requests(self, limit: int = 5000) -> list[str]:
+        """The request JSON of the newest answered chats that got no feedback (self-replay's
+        prompts), newest first."""
+        rows = self.db.execute(
+            "SELECT i.request FROM interactions i LEFT JOIN feedback f ON f.interaction_id = i.id "
+            "WHERE f.id IS NULL AND i.endpoint = 'chat' AND i.status = 'ok' "
+            "ORDER BY i.created_at DESC LIMIT ?",
+            [limit],
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def cycle_versions(self) -> list[str]:
+        """The version names that cycles have used (a failed cycle's name stays spent)."""
+        return [
+            r[0] for r in self.db.execute("SELECT version FROM cycles WHERE version IS NOT NULL")
+        ]

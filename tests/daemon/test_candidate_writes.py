@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.candidate import staging_dir, write_version
+from daemon.versions import Manifest, staging_dir, write_staged
 
 
 def test_a_version_folder_that_cannot_be_written_leaves_nothing(tmp_path: Path) -> None:
@@ -17,14 +17,16 @@ def test_a_version_folder_that_cannot_be_written_leaves_nothing(tmp_path: Path) 
     (src / "adapter_config.json").write_text("{}")
     (src / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
 
+    manifest = Manifest(version="v0001", created_at=1.0, parent=None, base_model="tiny")
+
     def disk_full(path: Path) -> None:
         path.write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     with pytest.raises(OSError, match="No space left"):
-        write_version(adapters, "v0001", src, work, {"version": "v0001"}, {"x.jsonl": disk_full})
+        write_staged(adapters, manifest, src, work, {"x.jsonl": disk_full})
     assert list(adapters.iterdir()) == []  # it used to leave adapters/.tmp.v0001.<pid>/
     assert not staging_dir(adapters, "v0001").exists()
     # the next try of the same version (a resumed cycle) is not blocked by any leftover
-    path = write_version(adapters, "v0001", src, work, {"version": "v0001"}, {})
+    path, _ = write_staged(adapters, manifest, src, work, {})
     assert path == staging_dir(adapters, "v0001") and (path / "manifest.json").is_file()

@@ -12,10 +12,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 from tinymodel import make_random_adapter
 
-from daemon.candidate import Candidate, staging_dir
+from daemon.candidate import Candidate
 from daemon.config import load_settings
 from daemon.cycle import CycleDeps, judge, new_cycle, served_generator
 from daemon.promotion import Promoter
+from daemon.versions import Manifest, staging_dir
 from feedback.store import Store
 from feedback.writer import Writer
 from serving.engine import Generation
@@ -45,7 +46,7 @@ def staged_candidate(adapters: Path, version: str, value: float, tiny_model: Pat
     manifest = {"version": version, "created_at": 1.0, "parent": None,
                 "files": {"adapter_model.safetensors": "x"}, "metrics": {"training": {}}}  # fmt: skip
     (path / "manifest.json").write_text(json.dumps(manifest))
-    return Candidate(version, path, None, {}, {}, {}, 0, manifest)
+    return Candidate(version, path, Manifest.from_dict(manifest))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

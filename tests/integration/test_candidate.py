@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ from daemon.candidate import (
     CandidateError,
     CandidateInputs,
     build_candidate,
-    finalize_version,
 )
 from daemon.config import CurationConfig, ReplaySettings, TrainingSettings
+from daemon.versions import finalize, registration
 from feedback.store import Store
 from learners.run import TrainingFailed
 
@@ -100,10 +101,10 @@ def build_and_finalize(daemon: RunningDaemon, tiny_model: Path, **kw: Any) -> Ca
     async def go() -> Candidate:
         cand = await build_candidate(inputs(daemon, tiny_model, **kw))
         assert cand.path.name == f".staging.{cand.version}"
-        path = await finalize_version(
-            cand, daemon.data_dir / "adapters", {}, lambda row: register(daemon, row)
-        )
-        return Candidate(**{**cand.__dict__, "path": path})
+        adapters = daemon.data_dir / "adapters"
+        path = finalize(adapters, cand.manifest)
+        await register(daemon, registration(adapters, cand.manifest, path))
+        return replace(cand, path=path)
 
     return asyncio.run(go())
 
