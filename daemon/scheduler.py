@@ -85,6 +85,10 @@ class CycleScheduler:
         return f"every {self.cfg.interval_minutes:g} min"
 
     def next_run(self) -> datetime | None:
+        """When the job fires next; None before `start` (a pending job has no time yet) and
+        after `shutdown`."""
+        if not self._scheduler.running:
+            return None
         job = self._scheduler.get_job("cycle")
         return job.next_run_time if job is not None else None
 

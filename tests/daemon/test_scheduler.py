@@ -65,6 +65,22 @@ def test_a_slow_tick_never_runs_twice_at_once() -> None:
     assert ticks >= 2 and most == 1
 
 
+def test_next_run_is_none_before_start_and_after_shutdown() -> None:
+    async def tick() -> None:
+        return None
+
+    async def scenario() -> None:
+        s = CycleScheduler(ScheduleSettings(interval_minutes=5), tick)
+        assert s.next_run() is None  # a pending job has no next_run_time before start
+        s.start()
+        assert s.next_run() is not None
+        s.shutdown()
+        await asyncio.sleep(0)
+        assert s.next_run() is None
+
+    asyncio.run(scenario())
+
+
 def test_cron_schedule() -> None:
     async def tick() -> None:
         return None
