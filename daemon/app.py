@@ -582,6 +582,8 @@ class Daemon:
             "store": {
                 "sqlite_version": self.health.sqlite_version,
                 "wal_reset_bug": self.health.wal_reset_bug,
+                "journal_mode": self.health.journal_mode,
+                "synchronous": self.health.synchronous,
             },
             "next_cycle": self._next_cycle(),
             "running_cycle": self.running_cycle(),

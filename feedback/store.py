@@ -293,6 +293,16 @@ class HealthReport:
     sqlite_version: str
     quick_check: str
     wal_reset_bug: bool
+    journal_mode: str = ""  # as this connection reads it: "wal" for the writing store
+    synchronous: str = ""  # "OFF", "NORMAL", "FULL" or "EXTRA"
+
+
+_SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+
+def synchronous_name(level: int) -> str:
+    """`PRAGMA synchronous`'s number as SQLite's docs name it."""
+    return _SYNCHRONOUS.get(level, str(level))
 
 
 def new_id(prefix: str) -> str:
@@ -361,7 +371,13 @@ class Store:
             )
         if text != "ok":
             raise StoreError(f"the database at {self.path} failed quick_check: {text}")
-        return HealthReport(sqlite_version=version, quick_check=text, wal_reset_bug=bug)
+        return HealthReport(
+            sqlite_version=version,
+            quick_check=text,
+            wal_reset_bug=bug,
+            journal_mode=str(self.db.execute("PRAGMA journal_mode").fetchone()[0]),
+            synchronous=synchronous_name(int(self.db.execute("PRAGMA synchronous").fetchone()[0])),
+        )
 
     def close(self) -> None:
         self.db.conn.close()

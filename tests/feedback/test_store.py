@@ -16,6 +16,7 @@ from feedback.store import (
     Interaction,
     Store,
     sqlite_has_wal_reset_bug,
+    synchronous_name,
 )
 
 
@@ -97,6 +98,24 @@ def test_check_reports_quick_check_ok(store: Store) -> None:
     assert report.quick_check == "ok"
     assert report.sqlite_version == sqlite3.sqlite_version
     assert report.wal_reset_bug == sqlite_has_wal_reset_bug(sqlite3.sqlite_version)
+    assert (report.journal_mode, report.synchronous) == ("wal", "FULL")  # what the writer sets
+
+
+def test_check_of_a_reader_reports_its_own_connection(tmp_path: Path) -> None:
+    Store(tmp_path / "a.db").migrate()
+    reader = Store(tmp_path / "a.db", readonly=True)
+    try:
+        report = reader.check()
+        # the journal mode is the file's; synchronous is per connection (this build's default)
+        assert report.journal_mode == "wal"
+        assert report.synchronous in ("OFF", "NORMAL", "FULL", "EXTRA")
+    finally:
+        reader.close()
+
+
+def test_synchronous_names() -> None:
+    assert [synchronous_name(i) for i in range(4)] == ["OFF", "NORMAL", "FULL", "EXTRA"]
+    assert synchronous_name(9) == "9"
 
 
 @pytest.mark.parametrize(
