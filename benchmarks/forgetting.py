@@ -990,11 +990,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             rng = random.Random(args.seed * 1_000 + j)
             replayed: list[tuple[str, Chat]] = []
             if use_replay:
-                replayed = replay_lib.mix(
-                    {"general": general_replay, "self": own, "past": reservoir},
+                pools = {"general": general_replay, "self": own, "past": reservoir}
+                counts = replay_lib.replay_counts(  # as the daemon counts them
                     shares,
+                    {k: bool(v) for k, v in pools.items()},
                     replay_lib.replay_total(len(task.train), ratio, args.replay_min),
-                    rng,
+                )
+                replayed = replay_lib.mix(
+                    pools, {k: float(v) for k, v in counts.items()}, sum(counts.values()), rng
                 )
             settings = TrainSettings(
                 lora=LoraSettings(rank=args.rank, alpha=args.alpha, dropout=shipped["dropout"]),

@@ -113,24 +113,6 @@ def curate_snapshot(snap: Snapshot, cfg: CurationConfig) -> CurationResult:
     )
 
 
-def _shares(cfg: ReplaySettings, available: dict[str, bool], total: int) -> dict[str, int]:
-    weights = {
-        "general": cfg.general_share if available["general"] else 0.0,
-        "self": cfg.self_share if available["self"] else 0.0,
-        "past": cfg.past_share if available["past"] else 0.0,
-    }
-    norm = sum(weights.values())
-    if norm <= 0 or total <= 0:
-        return dict.fromkeys(weights, 0)
-    exact = {k: total * w / norm for k, w in weights.items()}
-    counts = {k: int(v) for k, v in exact.items()}
-    for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[
-        : total - sum(counts.values())
-    ]:
-        counts[k] += 1
-    return counts
-
-
 def self_replay_prompts(
     store: Store, prompts_path: str | None, limit: int, rng: random.Random
 ) -> list[Chat]:
@@ -169,8 +151,10 @@ async def build_replay(
     )
     total = replay_lib.replay_total(n_new, cfg.ratio, cfg.min_examples)
     prompts = self_replay_prompts(store, cfg.prompts_path, limit=max(1, total), rng=rng)
-    counts = _shares(
-        cfg, {"general": bool(general), "self": bool(prompts), "past": bool(past)}, total
+    counts = replay_lib.replay_counts(
+        {"general": cfg.general_share, "self": cfg.self_share, "past": cfg.past_share},
+        {"general": bool(general), "self": bool(prompts), "past": bool(past)},
+        total,
     )
     # The served model's own *sampled* answers (temperature 1): training on a model's samples
     # has zero expected gradient at that model, so they anchor its behaviour without sharpening

@@ -224,8 +224,8 @@ class ReplaySettings(_Section):
     min_examples: int = Field(
         64,
         ge=0,
-        description="At least this many replayed examples in a cycle that replays: a small "
-        "cycle's few, seen every pass, would be memorised.",
+        description="At least this many general and self-replayed examples in a cycle that "
+        "replays: a small cycle's few, seen every pass, would be memorised.",
     )
     loss: Literal["kl", "ce"] = Field(
         "kl",
@@ -237,7 +237,10 @@ class ReplaySettings(_Section):
         0.4, ge=0, description="Share of replay from the served version's own answers."
     )
     past_share: float = Field(
-        0.3, ge=0, description="Share of replay from earlier cycles' examples."
+        0.3,
+        ge=0,
+        description="Share of replay from earlier cycles' examples; they come on top of the "
+        "general and self replay, which keep the whole budget.",
     )
     general_path: str | None = Field(
         None, description="General data: a JSONL file or a saved datasets folder."

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learners.replay import mix, replay_total, reservoir_update
+from learners.replay import mix, replay_counts, replay_total, reservoir_update
 
 capacities = st.integers(min_value=0, max_value=20)
 stream_lengths = st.integers(min_value=0, max_value=80)
@@ -220,3 +220,42 @@ def test_replay_total_is_the_ratio_with_a_floor_for_small_cycles() -> None:
     for bad in ((-1, 1.0, 0), (3, -0.5, 0), (3, math.inf, 0), (3, math.nan, 0), (3, 1.0, -1)):
         with pytest.raises(ValueError):
             replay_total(*bad)
+
+
+# -- replay_counts ------------------------------------------------------------------------------
+DAEMON_SHARES = {"general": 0.3, "self": 0.4, "past": 0.3}
+
+
+def test_earlier_examples_come_on_top_of_the_anchor_budget() -> None:
+    # the daemon's shares, no general file: the whole budget is the served model's own answers
+    got = replay_counts(DAEMON_SHARES, {"general": False, "self": True, "past": True}, 64)
+    # earlier examples keep the 27 they had when they shared it (64 * 0.3 / 0.7), on top
+    assert got == {"general": 0, "self": 64, "past": 27}
+
+
+def test_the_anchor_budget_is_split_by_share_and_past_keeps_its_count() -> None:
+    got = replay_counts(DAEMON_SHARES, {"general": True, "self": True, "past": True}, 70)
+    assert (got["general"], got["self"]) == (30, 40)
+    assert got["past"] == 21  # 70 * 0.3 / 1.0
+
+
+def test_a_first_cycle_has_no_past_and_the_budget_stays_whole() -> None:
+    got = replay_counts(DAEMON_SHARES, {"general": True, "self": True, "past": False}, 10)
+    assert got == {"general": 4, "self": 6, "past": 0}  # 4.29 / 5.71, largest remainder
+
+
+def test_without_an_anchor_the_budget_goes_to_earlier_examples() -> None:
+    got = replay_counts(DAEMON_SHARES, {"general": False, "self": False, "past": True}, 64)
+    assert got == {"general": 0, "self": 0, "past": 64}
+
+
+def test_no_source_or_no_budget_replays_nothing() -> None:
+    assert sum(replay_counts(DAEMON_SHARES, dict.fromkeys(DAEMON_SHARES, False), 64).values()) == 0
+    assert sum(replay_counts(DAEMON_SHARES, dict.fromkeys(DAEMON_SHARES, True), 0).values()) == 0
+
+
+def test_replay_counts_refuses_bad_shares_and_totals() -> None:
+    with pytest.raises(ValueError, match="shares"):
+        replay_counts({"self": -1.0}, {"self": True}, 4)
+    with pytest.raises(ValueError, match="total"):
+        replay_counts(DAEMON_SHARES, {"self": True}, -1)
