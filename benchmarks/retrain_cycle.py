@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
         {},
         "anchor-whole",
     ),
+    "anchor-no-ewc": ("the shipped replay with EWC off", {"ewc_lambda": 0.0}, "anchor-whole"),
     "no-ewc": ("EWC off", {"ewc_lambda": 0.0}, "recorded"),
     "lr-half": ("learning rate halved", {"learning_rate": 5e-4}, "recorded"),
     "lr-quarter": ("learning rate quartered", {"learning_rate": 2.5e-4}, "recorded"),
