@@ -169,6 +169,10 @@ def main() -> None:
         proc.wait(30)
     out = {
         "benchmark": "feedback_ingest",
+        "commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        or "unknown",
         "machine": {
             "cores": os.cpu_count(),
             "platform": platform.platform(),
