@@ -118,6 +118,8 @@ class Exchange:
 ExchangeSink = Callable[[Exchange], None]
 
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+# How often a relay asks whether its client is still there (`Gateway._relay`).
+GONE_CHECK_S = 0.05
 _CONTENT_KEYS = ("messages", "prompt")
 
 
@@ -417,9 +419,17 @@ class Gateway:
                 resp = await self._send(path, body, ex, headers)
                 if resp.status != 200:
                     return await self._error_passthrough(resp, ex, headers, t0)
+                if await request.is_disconnected():
+                    # The client left while vLLM began its answer (a busy machine can take
+                    # seconds): drop the upstream connection now, so vLLM stops making it.
+                    resp.close()
+                    ex.status = "aborted"
+                    ex.latency_ms = (time.perf_counter() - t0) * 1000
+                    self.sink(ex)
+                    return Response(status_code=499)  # nobody reads it ("client closed")
                 streaming = True
                 return StreamingResponse(
-                    self._relay(resp, ex, t0, wants_usage, target.upstream),
+                    self._relay(resp, ex, t0, wants_usage, target.upstream, request),
                     media_type="text/event-stream",
                     headers={**headers, "cache-control": "no-cache"},
                 )
@@ -503,19 +513,34 @@ class Gateway:
         t0: float,
         wants_usage: bool,
         upstream: str,
+        request: Request,
     ) -> AsyncIterator[bytes]:
+        """Pass vLLM's events on. A client that hangs up is noticed at the next check (every
+        `GONE_CHECK_S`, and before the end): the answer is logged "aborted" and the upstream
+        connection dropped, so vLLM stops. Starlette's own watch for the hang-up cancels this
+        only when the relay waits for vLLM; a relay that finds vLLM's events already buffered
+        (a busy machine, the whole answer made while the gateway was not scheduled) would
+        otherwise run to the end and log an answer nobody received as "ok"."""
         texts: dict[int, list[str]] = {}
         finish: dict[int, str | None] = {}
         ex.status = "aborted"
+        checked = time.monotonic()
         try:
             async for line in resp.content:
                 if not line.startswith(b"data: "):
                     continue
                 payload = line[6:].strip()
                 if payload == b"[DONE]":
+                    await asyncio.sleep(0)  # let a pending hang-up reach the connection
+                    if await request.is_disconnected():
+                        break  # the client left before the end: "aborted"
                     ex.status = "ok"
                     yield b"data: [DONE]\n\n"
                     continue
+                if time.monotonic() - checked >= GONE_CHECK_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        break
                 chunk = orjson.loads(payload)
                 if "error" in chunk:
                     ex.status = "error"
