@@ -35,7 +35,9 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,19 @@ class Run:
     def record(self, kind: str, status: int, seconds: float, error: str = "") -> None:
         with self.lock:
             self.samples.append(Sample(round(self.now(), 3), kind, status, seconds, error[:200]))
+
+    def send(self, kind: str, request: Callable[[], httpx.Response]) -> httpx.Response | None:
+        """Send one request and record it: every request the soak sends is a sample, so a
+        5xx cannot hide behind a later answer. None after a transport error (status 0)."""
+        t0 = time.perf_counter()
+        try:
+            r = request()
+        except httpx.HTTPError as e:
+            self.record(kind, 0, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+            return None
+        error = "" if r.status_code < 400 else r.text[:200]
+        self.record(kind, r.status_code, time.perf_counter() - t0, error)
+        return r
 
 
 def traffic(run: Run, seed: int, think_s: float) -> None:
@@ -156,23 +171,17 @@ def feedback(run: Run, seed: int) -> None:
                 else:
                     item |= {"comment": "Thanks."}
                 items.append(item)
-            batch = len(items) == 5 and rng.random() < 0.3
-            t0 = time.perf_counter()
-            try:
-                if batch:
-                    r = c.post("/v1/feedback/batch", json={"items": items})
-                    acked = [x["id"] for x in r.json()["items"]] if r.status_code == 201 else []
-                else:
-                    acked = []
-                    for item in items:
-                        r = c.post("/v1/feedback", json=item)
-                        if r.status_code == 201:
-                            acked.append(r.json()["id"])
-                status, error = r.status_code, "" if r.status_code < 400 else r.text[:200]
-            except (httpx.HTTPError, ValueError) as e:
-                status, error, acked = 0, f"{type(e).__name__}: {e}", []
-            run.record("feedback_batch" if batch else "feedback", status,
-                       time.perf_counter() - t0, error)  # fmt: skip
+            acked = []
+            if len(items) == 5 and rng.random() < 0.3:
+                r = run.send("feedback_batch", partial(c.post, "/v1/feedback/batch",
+                                                       json={"items": items}))  # fmt: skip
+                if r is not None and r.status_code == 201:
+                    acked = [x["id"] for x in r.json()["items"]]
+            else:
+                for item in items:
+                    r = run.send("feedback", partial(c.post, "/v1/feedback", json=item))
+                    if r is not None and r.status_code == 201:
+                        acked.append(r.json()["id"])
             with run.lock:
                 run.acked.extend(acked)
 
@@ -195,17 +204,10 @@ def operator(run: Run, pid: int, data: Path, rollback_at: float) -> None:
                 "db_mib": round((data / "adaptd.db").stat().st_size / 2**20, 3),
                 "load1": os.getloadavg()[0],
             })  # fmt: skip
-            for path in ("/admin/status", "/metrics"):
-                t0 = time.perf_counter()
-                try:
-                    r = a.get(path)
-                    run.record("admin", r.status_code, time.perf_counter() - t0)
-                except httpx.HTTPError as e:
-                    run.record("admin", 0, time.perf_counter() - t0, str(e))
-            try:
-                cycles = a.get("/admin/cycles").json()["cycles"]
-            except (httpx.HTTPError, ValueError):
-                cycles = []
+            status = run.send("admin", lambda: a.get("/admin/status"))
+            run.send("admin", lambda: a.get("/metrics"))
+            got = run.send("admin", lambda: a.get("/admin/cycles"))
+            cycles = got.json()["cycles"] if got is not None and got.status_code == 200 else []
             for cyc in cycles:
                 if seen.get(cyc["id"], "?") != cyc["decision"]:
                     seen[cyc["id"]] = cyc["decision"]
@@ -214,16 +216,20 @@ def operator(run: Run, pid: int, data: Path, rollback_at: float) -> None:
                                        "version": cyc.get("version")})  # fmt: skip
                     print(f"  [{run.now() / 60:5.1f} min] cycle {cyc['id']}: {cyc['state']} "
                           f"{cyc['decision'] or ''} {cyc.get('version') or ''}", file=sys.stderr)  # fmt: skip
-            serving = a.get("/admin/status").json()["serving"]["version"]
+            ok = status is not None and status.status_code == 200
+            serving = status.json()["serving"]["version"] if ok else "base"  # type: ignore[union-attr]
             if not rolled and run.now() >= rollback_at and serving != "base":
                 t0 = time.perf_counter()
-                r = a.post("/admin/rollback", json={"reason": "soak: a rollback under load"})
+                r = run.send("admin", lambda: a.post("/admin/rollback",
+                                                     json={"reason": "soak: a rollback under load"}))  # fmt: skip
                 rolled = True
-                run.events.append({"t": round(run.now(), 1), "rollback": r.status_code,
-                                   "from": serving, "to": r.json().get("version"),
+                run.events.append({"t": round(run.now(), 1),
+                                   "rollback": r.status_code if r is not None else 0,
+                                   "from": serving,
+                                   "to": r.json().get("version") if r is not None else None,
                                    "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
-                print(f"  [{run.now() / 60:5.1f} min] rollback from {serving}: {r.status_code}",
-                      file=sys.stderr)  # fmt: skip
+                print(f"  [{run.now() / 60:5.1f} min] rollback from {serving}: "
+                      f"{run.events[-1]['rollback']}", file=sys.stderr)  # fmt: skip
             run.stop.wait(5.0)
 
 
